@@ -1,0 +1,208 @@
+"""DDPM training (Ho et al. Algorithm 1) with EMA, AMP, gradient clipping, label dropout for
+classifier-free guidance, atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import __version__, checkpoint
+from .data import ImageData
+from .nn.unet import UNet, UNetConfig
+from .schedule import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    amp: str = "auto"  # auto (bf16 on a CUDA GPU that has it, else off) | off | bf16 | fp16
+    hflip: bool = False
+    label_dropout: float = 0.1  # class-conditional models only: share of labels replaced by the null class
+    seed: int = 0
+    ckpt_every: int = 500
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "warmup": self.warmup >= 0, "grad_clip": self.grad_clip >= 0, "ckpt_every": self.ckpt_every >= 1,
+            "ema_decay": 0 <= self.ema_decay < 1, "label_dropout": 0 <= self.label_dropout < 1,
+            "amp": self.amp in ("auto", "off", "bf16", "fp16"),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid training option(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+
+
+def json_roundtrip(obj: dict) -> dict:
+    """obj as it reads back from JSON (tuples become lists), so configs compare equal after a reload."""
+    return json.loads(json.dumps(obj))
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+class Trainer:
+    """Owns the model, its EMA, the optimizer and every RNG, so that a resumed run continues exactly."""
+
+    def __init__(self, data: ImageData, model_config: UNetConfig, schedule: NoiseSchedule, config: TrainConfig,
+                 out: Path, device: str | torch.device = "cpu", data_source: str = "digits"):
+        if data.image_shape != (model_config.in_channels, model_config.image_size, model_config.image_size):
+            raise ValueError(f"data images are {data.image_shape}, the model expects "
+                             f"{(model_config.in_channels, model_config.image_size, model_config.image_size)}")
+        if model_config.num_classes and data.labels is None:
+            raise ValueError("a class-conditional model needs labelled data (sub-folders, or 'labels' in the .npz)")
+        self.data, self.schedule, self.config, self.out = data, schedule, config, Path(out)
+        self.device = torch.device(device)
+        torch.manual_seed(config.seed)
+        self.model = UNet(model_config).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.amp = amp_dtype(config.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.gen = torch.Generator(self.device).manual_seed(config.seed)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device) if data.labels is not None and model_config.num_classes else None
+        self.alphas_cumprod = schedule.alphas_cumprod.to(self.device, torch.float32)
+        self.step, self.losses = 0, []
+        self.run_config = json_roundtrip({"fastdiff_version": __version__, "model": model_config.to_dict(),
+                           "schedule": schedule.to_dict(), "train": asdict(config), "data": data_source})
+
+    # --- one optimisation step -------------------------------------------------------------------
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        g, n = self.gen, self.config.batch_size
+        idx = torch.randint(len(self.images), (n,), generator=g, device=self.device)
+        x0 = self.images[idx]
+        if self.config.hflip:
+            flip = torch.rand(n, generator=g, device=self.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        if self.labels is None:
+            return x0, None
+        y = self.labels[idx]
+        drop = torch.rand(n, generator=g, device=self.device) < self.config.label_dropout
+        return x0, torch.where(drop, -1, y)
+
+    def lr_at(self, step: int) -> float:
+        return self.config.lr * min(1.0, (step + 1) / max(1, self.config.warmup))
+
+    def train_step(self) -> float:
+        x0, y = self.batch()
+        g, T = self.gen, self.schedule.num_train_timesteps
+        t = torch.randint(T, (len(x0),), generator=g, device=self.device)
+        noise = torch.randn(x0.shape, generator=g, device=self.device)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        target = self.schedule.training_target(x0, t, noise)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss = F.mse_loss(self.model(x_t, t, y).float(), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower --lr or use --amp off")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+        self.step += 1
+        return loss.item()
+
+    def fit(self, progress: bool = True) -> list[float]:
+        """Train up to config.steps, checkpointing every ckpt_every steps and at the end."""
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True)
+        while self.step < self.config.steps:
+            self.losses.append(self.train_step())
+            bar.update(1)
+            if self.step % 10 == 0:
+                bar.set_postfix(loss=f"{sum(self.losses[-50:]) / len(self.losses[-50:]):.4f}")
+            if self.step % self.config.ckpt_every == 0 or self.step == self.config.steps:
+                self.save()
+        bar.close()
+        return self.losses
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> Path:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        opt_state = self.opt.state_dict()
+        for i, state in opt_state["state"].items():
+            tensors |= {f"optim.{i}.{k}": v for k, v in state.items()}
+        tensors["rng.gen"] = self.gen.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"step": self.step, "losses": self.losses, "param_groups": opt_state["param_groups"],
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        return checkpoint.save(self.out, self.run_config, tensors, meta)
+
+    def resume(self) -> None:
+        """Load the latest checkpoint in self.out; its model, schedule and data must match this run's."""
+        config, tensors, meta = checkpoint.load(self.out)
+        for key in ("model", "schedule", "data"):
+            if config.get(key) != self.run_config[key]:
+                raise ValueError(f"--resume: the checkpoint's {key} config {config.get(key)} differs from this run's "
+                                 f"{self.run_config[key]}")
+        self.model.load_state_dict(checkpoint.prefixed(tensors, "model."))
+        self.ema.load_state_dict(checkpoint.prefixed(tensors, "ema."))
+        state = {}
+        for key, value in checkpoint.prefixed(tensors, "optim.").items():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = value.to(self.device)
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if meta.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(meta["scaler"])
+        self.step, self.losses = meta["step"], list(meta["losses"])
+        if self.step > self.config.steps:
+            raise ValueError(f"--resume: the checkpoint is at step {self.step}, beyond --steps {self.config.steps}")
+
+
+def plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = max(1, len(losses) // 100)
+    smooth = [sum(losses[max(0, i - window):i + 1]) / len(losses[max(0, i - window):i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, alpha=0.3, label="loss")
+    ax.plot(smooth, label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="MSE", yscale="log", title="training loss")
+    ax.legend()
+    fig.tight_layout()
+    checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def summary(losses: list[float]) -> dict:
+    tail = losses[-100:]
+    return {"steps": len(losses), "final_loss": sum(tail) / len(tail) if tail else math.nan}
+
+
+def write_summary(out: Path, losses: list[float], seconds: float) -> None:
+    checkpoint.write_json(Path(out) / "train_summary.json", {**summary(losses), "seconds": round(seconds, 1)})
+    plot_losses(losses, Path(out) / "loss.png")
+
