@@ -7,6 +7,8 @@ step, whatever the sampler and prediction type, reduces to one per-element formu
     out = k_x0*x0 + k_x*x + k_m*m + sigma*z
 
 The host computes the scalars here in float64; the fused kernel does the per-element part.
+This module needs only NumPy, so the torch-free ONNX runtime shares it; torch is imported only
+by the forward-process helpers used in training.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 BETA_SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -47,24 +48,23 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def make_betas(kind: str, num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+def make_betas(kind: str, num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """Betas in float64. 'cosine' is Nichol & Dhariwal's squaredcos_cap_v2; 'quadratic' is diffusers' scaled_linear."""
     _choice("beta_schedule", kind, BETA_SCHEDULES)
     T = num_train_timesteps
     if T < 2:
         raise ValueError(f"num_train_timesteps must be >= 2; got {T}")
-    f64 = torch.float64
     if kind == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=f64)
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
     if kind == "quadratic":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=f64) ** 2
+        return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
     if kind == "sigmoid":
-        return torch.sigmoid(torch.linspace(-6, 6, T, dtype=f64)) * (beta_end - beta_start) + beta_start
+        return 1 / (1 + np.exp(-np.linspace(-6, 6, T, dtype=np.float64))) * (beta_end - beta_start) + beta_start
 
     def alpha_bar(s: float) -> float:
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    return torch.tensor([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)], dtype=f64)
+    return np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -81,28 +81,30 @@ class NoiseSchedule:
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
         object.__setattr__(self, "betas", betas)
-        object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
+        object.__setattr__(self, "alphas_cumprod", np.cumprod(1.0 - betas))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     # --- forward process -------------------------------------------------------------------------
-    def _gather(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        out = table.to(like.device)[t.long()].to(like.dtype)
-        return out.view(-1, *([1] * (like.dim() - 1)))
+    def _gather(self, t: "torch.Tensor", like: "torch.Tensor") -> "torch.Tensor":
+        import torch
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        table = torch.from_numpy(self.alphas_cumprod).to(like.device)
+        return table[t.long()].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0: "torch.Tensor", t: "torch.Tensor", noise: "torch.Tensor") -> "torch.Tensor":
         """x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·noise."""
-        ac = self._gather(self.alphas_cumprod, t, x0)
+        ac = self._gather(t, x0)
         return ac.sqrt() * x0 + (1 - ac).sqrt() * noise
 
-    def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def training_target(self, x0: "torch.Tensor", t: "torch.Tensor", noise: "torch.Tensor") -> "torch.Tensor":
         """What the network learns to output: ε, v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x0, or x0."""
         if self.prediction_type == "epsilon":
             return noise
         if self.prediction_type == "sample":
             return x0
-        ac = self._gather(self.alphas_cumprod, t, x0)
+        ac = self._gather(t, x0)
         return ac.sqrt() * noise - (1 - ac).sqrt() * x0
 
     # --- reverse process -------------------------------------------------------------------------

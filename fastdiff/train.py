@@ -83,7 +83,6 @@ class Trainer:
         self.gen = torch.Generator(self.device).manual_seed(config.seed)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device) if data.labels is not None and model_config.num_classes else None
-        self.alphas_cumprod = schedule.alphas_cumprod.to(self.device, torch.float32)
         self.step, self.losses = 0, []
         self.run_config = json_roundtrip({"fastdiff_version": __version__, "model": model_config.to_dict(),
                            "schedule": schedule.to_dict(), "train": asdict(config), "data": data_source})
