@@ -1,0 +1,134 @@
+"""Python face of the fused reverse-step kernel (torch.ops.fastdiff.reverse_step).
+
+    x0  = a*x + b*m, clamped to ±clip_range (inf: no clamp)
+    out = k_x0*x0 + k_x*x + k_m*m + sigma*z,   z = fastdiff.noise.gaussian(seeds, step, ·)
+
+If the compiled extension fastdiff._C is missing, the pure-PyTorch reference (same fp32 math, same
+noise bits) is used instead, with one warning; backend() says which is in use.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+from . import noise
+from .schedule import StepCoefs
+
+__all__ = ["reverse_step", "reverse_step_reference", "backend"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.fastdiff.reverse_step)
+
+    _BACKEND = "extension"
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _BACKEND = "reference"
+    _IMPORT_ERROR = exc
+_warned = False
+
+
+def backend() -> str:
+    """'extension' when the compiled kernels are in use, else 'reference'."""
+    return _BACKEND
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"fastdiff._C could not be imported ({_IMPORT_ERROR}); using the slower PyTorch reference of "
+            "reverse_step. Rebuild with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+if _BACKEND == "extension":
+
+    @torch.library.register_fake("fastdiff::reverse_step")
+    def _reverse_step_fake(x, model_output, seeds, step, a, b, clip_range, k_x0, k_x, k_m, sigma):
+        torch._check(x.shape == model_output.shape, lambda: "x and model_output must have the same shape")
+        return torch.empty_like(x, memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels use (and return) for x: contiguous, else channels_last(_3d) if x is."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _validate(x: torch.Tensor, model_output: torch.Tensor, seeds: torch.Tensor, step: int,
+              coefs: StepCoefs) -> tuple[torch.Tensor, torch.Tensor, StepCoefs]:
+    for name, t in (("x", x), ("model_output", model_output), ("seeds", seeds)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if model_output.dtype != x.dtype:
+        raise TypeError(f"model_output must have x's dtype {x.dtype}; got {model_output.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension (dim >= 1); got a 0-d tensor")
+    if model_output.shape != x.shape:
+        raise ValueError(f"model_output must have x's shape {tuple(x.shape)}; got {tuple(model_output.shape)}")
+    if model_output.device != x.device:
+        raise ValueError(f"model_output must be on x's device {x.device}; got {model_output.device}")
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor; got {seeds.dtype}")
+    if seeds.dim() != 1 or seeds.shape[0] != x.shape[0]:
+        raise ValueError(f"seeds must be a 1-D tensor with one seed per sample ({x.shape[0]}); got shape {tuple(seeds.shape)}")
+    if seeds.device != x.device:
+        raise ValueError(f"seeds must be on x's device {x.device}; got {seeds.device}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int; got {type(step).__name__}")
+    if not 0 <= step < 2**32:
+        raise ValueError(f"step must be in [0, 2^32); got {step}")
+    coefs = StepCoefs(*(float(c) for c in coefs))
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    model_output = model_output.contiguous(memory_format=fmt)
+    return x, model_output, coefs
+
+
+def reverse_step(x: torch.Tensor, model_output: torch.Tensor, seeds: torch.Tensor, step: int,
+                 coefs: StepCoefs) -> torch.Tensor:
+    """One fused reverse step; returns x_prev with x's dtype, device and memory format."""
+    x, model_output, coefs = _validate(x, model_output, seeds, step, coefs)
+    if _BACKEND == "extension":
+        return torch.ops.fastdiff.reverse_step(x, model_output, seeds, int(step), *coefs)
+    _warn_fallback()
+    return _reference(x, model_output, seeds, int(step), coefs)
+
+
+def reverse_step_reference(x: torch.Tensor, model_output: torch.Tensor, seeds: torch.Tensor, step: int,
+                           coefs: StepCoefs) -> torch.Tensor:
+    """Pure-PyTorch twin of the kernels: the same fp32 operations in the same order, the same noise."""
+    x, model_output, coefs = _validate(x, model_output, seeds, step, coefs)
+    return _reference(x, model_output, seeds, int(step), coefs)
+
+
+def _f32(v: float) -> float:
+    """The float32 value of a scalar (what the kernels compute with), as a Python float."""
+    return float(np.float32(v))
+
+
+def _reference(x: torch.Tensor, m: torch.Tensor, seeds: torch.Tensor, step: int, coefs: StepCoefs) -> torch.Tensor:
+    a, b, clip, k_x0, k_x, k_m, sigma = (_f32(c) for c in coefs)
+    xf, mf = x.float(), m.float()
+    x0 = a * xf + b * mf
+    if math.isfinite(coefs.clip_range):
+        x0 = torch.where(x0 < -clip, -clip, torch.where(x0 > clip, clip, x0))
+    out = k_x0 * x0 + k_x * xf + k_m * mf
+    if sigma != 0.0:
+        z = noise.gaussian(seeds, step, x[0].numel() if x.shape[0] else 0)
+        out = out + sigma * z.reshape(x.shape)
+    return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
