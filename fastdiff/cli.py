@@ -129,7 +129,7 @@ def run_sample(a: argparse.Namespace) -> None:
         from .export.runtime import OnnxSampler
 
         runner = OnnxSampler(a.onnx)
-        steps = a.steps or (50 if a.sampler == "ddim" else runner.num_train_timesteps)
+        steps = a.steps if a.steps is not None else (50 if a.sampler == "ddim" else runner.num_train_timesteps)
         images = torch.from_numpy(runner.sample(a.n, sampler=a.sampler, steps=steps, seed=a.seed, cls=a.cls,
                                                 guidance=a.guidance, progress=not a.quiet, **options))
         source, backend, device = str(a.onnx), f"onnxruntime ({runner.provider})", "onnxruntime"
@@ -137,7 +137,7 @@ def run_sample(a: argparse.Namespace) -> None:
         ckpt = a.ckpt or BUNDLED
         model, schedule, config = load_model(ckpt)
         device = pick_device(a.device)
-        steps = a.steps or (50 if a.sampler == "ddim" else schedule.num_train_timesteps)
+        steps = a.steps if a.steps is not None else (50 if a.sampler == "ddim" else schedule.num_train_timesteps)
         shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
         images = generate(model.to(device), schedule, shape, a.n, seed=a.seed, sampler=a.sampler, steps=steps,
                           classes=a.cls, guidance=a.guidance, num_classes=model.config.num_classes,
