@@ -1,0 +1,226 @@
+"""Sample an exported fastdiff model with NumPy + onnxruntime only (this module never imports torch).
+
+The reverse step is the fused kernel's float32 math in the kernel's order (fastdiff.ops), the noise
+is the Philox contract of fastdiff.noise with the same per-sample seeds, and the schedule comes
+from the file's metadata: a seed gives the same images as ``fastdiff.sampling.generate``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .. import noise
+from ..schedule import SAMPLERS, NoiseSchedule, StepCoefs
+
+__all__ = ["OnnxSampler", "reverse_step", "FORMAT", "INITIAL_NOISE_STEP"]
+
+INITIAL_NOISE_STEP = getattr(noise, "INITIAL_NOISE_STEP", 2**32 - 1)
+FORMAT, FORMAT_VERSION = "fastdiff-denoiser", "1"
+KEY_FORMAT, KEY_FORMAT_VERSION, KEY_VERSION = "fastdiff.format", "fastdiff.format_version", "fastdiff.version"
+KEY_SCHEDULE, KEY_SHAPE, KEY_CLASSES = "fastdiff.schedule", "fastdiff.image_shape", "fastdiff.num_classes"
+KEY_PRECISION, KEY_MODEL = "fastdiff.precision", "fastdiff.model_config"
+REQUIRED_KEYS = (KEY_FORMAT_VERSION, KEY_VERSION, KEY_SCHEDULE, KEY_SHAPE, KEY_CLASSES)
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def reverse_step(x: np.ndarray, m: np.ndarray, seeds: np.ndarray, t: int, coefs: StepCoefs) -> np.ndarray:
+    """One reverse step in float32, operation for operation as the fused kernel (fastdiff.ops)."""
+    a, b, clip, k_x0, k_x, k_m, sigma = (np.float32(c) for c in coefs)
+    x0 = a * x + b * m
+    if math.isfinite(coefs.clip_range):  # NaN-propagating clamp, as the kernel's
+        x0 = np.where(x0 < -clip, -clip, np.where(x0 > clip, clip, x0))
+    out = k_x0 * x0 + k_x * x + k_m * m
+    if sigma != 0:
+        z = noise.gaussian(seeds, t, x[0].size if len(x) else 0)
+        out = out + sigma * z.reshape(x.shape)
+    return out.astype(np.float32, copy=False)
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime has it, else CPU."""
+    available = ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available \
+        else ["CPUExecutionProvider"]
+
+
+def _progress(i: int, total: int, label: str) -> None:
+    sys.stderr.write(f"\r{label} {i}/{total}" + ("\n" if i == total else ""))
+    sys.stderr.flush()
+
+
+class OnnxSampler:
+    """A fastdiff ONNX denoiser plus its schedule; `sample` runs DDPM/DDIM, `predict` one model call."""
+
+    def __init__(self, path: Path | str, providers: Sequence[str] | None = None):
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no ONNX model at {path}")
+        if providers is None:
+            providers = default_providers()
+        else:
+            missing = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in ort.get_available_providers()]
+            if missing:
+                raise ValueError(f"providers {missing} are not available in this onnxruntime "
+                                 f"(available: {ort.get_available_providers()})")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+            raise ValueError(f"{path} is not a valid ONNX model: {str(e).strip()[:300]}") from None
+        self._read_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self._check_io()
+        self.provider = self.session.get_providers()[0]
+
+    # --- validation ------------------------------------------------------------------------------
+    def _read_metadata(self, meta: dict[str, str]) -> None:
+        where = str(self.path)
+        if meta.get(KEY_FORMAT) != FORMAT:
+            raise ValueError(f"{where} is not a fastdiff model: its metadata has no {KEY_FORMAT}={FORMAT!r} "
+                             "(export one with `fastdiff export`)")
+        missing = [k for k in REQUIRED_KEYS if k not in meta]
+        if missing:
+            raise ValueError(f"{where}: fastdiff metadata is incomplete, missing {', '.join(missing)}")
+        if meta[KEY_FORMAT_VERSION] != FORMAT_VERSION:
+            raise ValueError(f"{where}: format version {meta[KEY_FORMAT_VERSION]} is not supported "
+                             f"(this fastdiff reads version {FORMAT_VERSION})")
+        try:
+            self.schedule = NoiseSchedule(**json.loads(meta[KEY_SCHEDULE]))
+            shape = tuple(int(s) for s in json.loads(meta[KEY_SHAPE]))
+            self.num_classes = int(meta[KEY_CLASSES])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: invalid fastdiff metadata ({e})") from None
+        if len(shape) != 3 or min(shape) < 1 or self.num_classes < 0:
+            raise ValueError(f"{where}: invalid fastdiff metadata (image_shape {shape}, num_classes {self.num_classes})")
+        self.image_shape: tuple[int, int, int] = shape
+        self.num_train_timesteps = self.schedule.num_train_timesteps
+        self.version, self.precision = meta[KEY_VERSION], meta.get(KEY_PRECISION, "fp32")
+
+    def _check_io(self) -> None:
+        where = str(self.path)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        expected = ["x", "t", "y"] if self.num_classes else ["x", "t"]
+        if sorted(inputs) != sorted(expected):
+            raise ValueError(f"{where}: unexpected inputs {sorted(inputs)}; a "
+                             f"{'class-conditional' if self.num_classes else 'unconditional'} fastdiff model has {expected}")
+        x = inputs["x"]
+        if x.type not in _NP_TYPES:
+            raise ValueError(f"{where}: input x must be float32 or float16; the file declares {x.type}")
+        self.input_dtype = _NP_TYPES[x.type]
+        for name in expected[1:]:
+            if inputs[name].type != "tensor(int64)":
+                raise ValueError(f"{where}: input {name} must be int64; the file declares {inputs[name].type}")
+        if len(x.shape) != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"{where}: input x has shape {x.shape}; the metadata says [batch, *{list(self.image_shape)}]")
+        for name in expected:
+            dim = inputs[name].shape[0] if inputs[name].shape else None
+            if isinstance(dim, int):
+                raise ValueError(f"{where}: input {name} has a static batch axis (size {dim}); re-export it with "
+                                 "`fastdiff export`, which makes the batch axis dynamic")
+        outputs = self.session.get_outputs()
+        if len(outputs) != 1:
+            raise ValueError(f"{where}: expected one output, found {[o.name for o in outputs]}")
+
+    # --- one model call --------------------------------------------------------------------------
+    def predict(self, x: np.ndarray, t: np.ndarray | int, y: np.ndarray | None = None) -> np.ndarray:
+        """The model output (float32, x's shape) for x [B, C, H, W] float32, t [B] (or a scalar) and y [B]."""
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            raise ValueError(f"x must be a float32 numpy array; got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim != 4 or x.shape[1:] != self.image_shape:
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, self.image_shape))}); got {x.shape}")
+        if x.shape[0] < 1:
+            raise ValueError("x must hold at least one sample (B >= 1)")
+        t = np.asarray(t)
+        if t.dtype.kind not in "iu":
+            raise ValueError(f"t must hold integer timesteps; got dtype {t.dtype}")
+        t = np.broadcast_to(t, (x.shape[0],)) if t.ndim == 0 else t
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},) (one timestep per sample); got {t.shape}")
+        if t.min() < 0 or t.max() >= self.num_train_timesteps:
+            raise ValueError(f"t must be in [0, {self.num_train_timesteps - 1}]; got [{t.min()}, {t.max()}]")
+        if y is not None:
+            if not self.num_classes:
+                raise ValueError("y (class ids) was given but the model is unconditional")
+            y = np.asarray(y)
+            if y.dtype.kind not in "iu" or y.shape != (x.shape[0],):
+                raise ValueError(f"y must be an integer array of shape ({x.shape[0]},); got {y.dtype} {y.shape}")
+            if y.min() < -1 or y.max() >= self.num_classes:
+                raise ValueError(f"y must hold class ids in [0, {self.num_classes - 1}] or -1 (null class)")
+        return self._forward(x, t.astype(np.int64), None if y is None else y.astype(np.int64))
+
+    def _forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        feed = {"x": x.astype(self.input_dtype, copy=False), "t": t}
+        if self.num_classes:
+            feed["y"] = y if y is not None else np.full(t.shape, -1, dtype=np.int64)
+        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+
+    def _model_output(self, x: np.ndarray, t: int, y: np.ndarray | None, guidance: float) -> np.ndarray:
+        tt = np.full((len(x),), t, dtype=np.int64)
+        if y is None or guidance == 1.0:
+            return self._forward(x, tt, y)
+        both = self._forward(np.concatenate([x, x]), np.concatenate([tt, tt]),
+                             np.concatenate([y, np.full_like(y, -1)]))
+        m_cond, m_uncond = both[:len(x)], both[len(x):]
+        return m_uncond + np.float32(guidance) * (m_cond - m_uncond)
+
+    # --- sampling --------------------------------------------------------------------------------
+    def _classes(self, n: int, cls, guidance: float) -> np.ndarray | None:
+        if not (guidance >= 0 and math.isfinite(guidance)):
+            raise ValueError(f"guidance must be a finite number >= 0; got {guidance}")
+        if cls is None:
+            if guidance != 1.0:
+                raise ValueError("guidance needs class labels (cls) and a class-conditional model")
+            return None
+        if not self.num_classes:
+            raise ValueError("cls (class labels) was given but the model is unconditional")
+        y = np.full((n,), cls, dtype=np.int64) if np.ndim(cls) == 0 else np.asarray(cls)
+        if y.dtype.kind not in "iu" or y.shape != (n,):
+            raise ValueError(f"cls must be an int or {n} integer class ids; got {y.dtype} {y.shape}")
+        if y.min() < -1 or y.max() >= self.num_classes:
+            raise ValueError(f"cls must hold class ids in [0, {self.num_classes - 1}] (or -1 for unconditional)")
+        return y.astype(np.int64)
+
+    def sample(self, n: int, *, sampler: str = "ddim", steps: int = 50, seed: int = 0, cls=None,
+               guidance: float = 1.0, eta: float = 0.0, spacing: str = "leading", clip_sample: bool = True,
+               variance_type: str = "fixed_small", batch_size: int = 64, progress: bool = False,
+               **options) -> np.ndarray:
+        """n images (n, C, H, W) float32 in [-1, 1]; image i uses seed + i (as fastdiff.sampling.generate).
+
+        options: steps_offset, clip_sample_range; for ddim also set_alpha_to_one, use_clipped_model_output.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n (number of samples) must be an integer >= 1; got {n!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        if sampler == "ddpm" and eta != 0:
+            raise ValueError("eta applies to sampler='ddim' only")
+        y_all = self._classes(n, cls, guidance)
+        if sampler == "ddim":
+            if variance_type != "fixed_small":
+                raise ValueError("variance_type applies to sampler='ddpm' only")
+            plan = self.schedule.plan("ddim", steps, eta=eta, spacing=spacing, clip_sample=clip_sample, **options)
+        else:
+            plan = self.schedule.plan("ddpm", steps, variance_type=variance_type, spacing=spacing,
+                                      clip_sample=clip_sample, **options)
+        numel = int(np.prod(self.image_shape))
+        out = []
+        for start in range(0, n, batch_size):
+            seeds = np.arange(min(batch_size, n - start), dtype=np.int64) + np.int64(seed + start)
+            x = noise.gaussian(seeds, INITIAL_NOISE_STEP, numel).reshape(len(seeds), *self.image_shape)
+            y = y_all[start:start + len(seeds)] if y_all is not None else None
+            for k, (t, coefs) in enumerate(plan):
+                m = self._model_output(x, t, y, guidance)
+                if not np.isfinite(m).all():
+                    raise FloatingPointError(f"the model output holds NaN or inf at timestep {t}; "
+                                             "check the weights and inputs")
+                x = reverse_step(x, m, seeds, t, coefs)
+                if progress:
+                    _progress(k + 1, len(plan), f"{sampler}-{steps} [{start + len(seeds)}/{n}]")
+            out.append(x)
+        return np.clip(np.concatenate(out), -1, 1)
