@@ -31,7 +31,11 @@ else
 endif
 	$(FD) sample --ckpt $(CKPT) --sampler ddpm --steps 1000 --n 64 --seed 0 --out $(OUT)
 	$(FD) sample --ckpt $(CKPT) --sampler ddim --steps 50 --eta 0 --n 64 --seed 0 --out $(OUT)
-	@echo "Images: $(OUT)/ddpm-1000_grid.png and $(OUT)/ddim-50_grid.png"
+	$(FD) export --ckpt $(CKPT) --out $(OUT)/model.onnx
+	$(FD) quantize --onnx $(OUT)/model.onnx --out $(OUT)/model.int8.onnx
+	$(FD) sample --onnx $(OUT)/model.onnx --sampler ddim --steps 50 --n 64 --seed 0 --out $(OUT) --name onnx-ddim-50
+	$(FD) sample --onnx $(OUT)/model.int8.onnx --sampler ddim --steps 50 --n 64 --seed 0 --out $(OUT) --name int8-ddim-50
+	@echo "Grids: $(OUT)/{ddpm-1000,ddim-50,onnx-ddim-50,int8-ddim-50}_grid.png; INT8 report: $(OUT)/model.int8.onnx.report.md"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
