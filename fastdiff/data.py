@@ -102,9 +102,9 @@ def load_folder(root: Path, image_size: int, channels: int) -> ImageData:
 
 
 def load_data(source: str, image_size: int, channels: int) -> ImageData:
-    """'digits', a folder of images or a .npz file."""
+    """'digits' (the train split: the test split stays held out for evaluation), a folder or a .npz file."""
     if source == "digits":
-        data = load_digits(image_size)
+        data = load_digits(image_size, "train")
     else:
         path = Path(source)
         if not path.exists():

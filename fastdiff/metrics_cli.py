@@ -1,0 +1,249 @@
+"""`fastdiff eval`: FID / KID vs sampling steps in the shape of the DDIM paper's Table 1 (rows η, columns S),
+with DDPM beside it and, when given, the exported ONNX FP32 and INT8 models beside the PyTorch ones."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+STEPS, ETAS, DDPM_STEPS, N = [10, 20, 50, 100, 1000], [0.0, 0.5, 1.0], [1000], 500
+QUICK_STEPS, QUICK_ETAS, QUICK_DDPM_STEPS, QUICK_N = [10, 20], [0.0, 1.0], [20], 64
+ONNX_STEPS, ONNX_ETA = 50, 0.0
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add(sub) -> None:
+    p = sub.add_parser("eval", help="FID / KID table vs steps and eta (DDIM paper Table 1 shape)",
+                       description="Sample with DDIM (every S x eta), DDPM and optionally ONNX FP32/INT8 models; score "
+                                   "each row by FID / KID against held-out real digits in the feature space of the "
+                                   "shipped digits classifier. Writes results.json, results.md, fid_vs_steps.png and "
+                                   "a grid PNG per row.")
+    p.add_argument("--ckpt", type=Path, help="run folder or checkpoint file (default: the bundled digits model)")
+    p.add_argument("--out", type=Path, default=Path("eval"), help="output folder (default: eval)")
+    p.add_argument("--n", type=int, help=f"samples per row (default: {N}; {QUICK_N} with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"CI size: n={QUICK_N}, S in {QUICK_STEPS}, eta in {QUICK_ETAS}, DDPM-{QUICK_DDPM_STEPS[0]}")
+    p.add_argument("--steps", type=_ints, help=f"DDIM steps S, comma-separated (default: {','.join(map(str, STEPS))})")
+    p.add_argument("--etas", type=_floats, help=f"DDIM etas, comma-separated (default: {','.join(map(str, ETAS))})")
+    p.add_argument("--ddpm-steps", type=_ints, help="DDPM steps, comma-separated; '' for none (default: 1000)")
+    p.add_argument("--onnx", type=Path, help=f"also score this exported FP32 ONNX model (DDIM-{ONNX_STEPS}, eta 0)")
+    p.add_argument("--onnx-int8", type=Path, help=f"also score this INT8 ONNX model (DDIM-{ONNX_STEPS}, eta 0)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i in every row (default: 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch during the run (default: torch's choice; 1 is "
+                   "much faster when other jobs share the cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_eval)
+
+
+def plan(a: argparse.Namespace, timesteps: int) -> list[dict]:
+    """The rows to run: DDIM for every eta x S, then DDPM for every S."""
+    steps = a.steps if a.steps is not None else (QUICK_STEPS if a.quick else STEPS)
+    etas = a.etas if a.etas is not None else (QUICK_ETAS if a.quick else ETAS)
+    ddpm = a.ddpm_steps if a.ddpm_steps is not None else (QUICK_DDPM_STEPS if a.quick else DDPM_STEPS)
+    bad = [s for s in steps + ddpm if not 1 <= s <= timesteps]
+    if bad:
+        raise ValueError(f"steps must be in [1, {timesteps}] (the model's training timesteps); got {bad}")
+    if any(not 0 <= e <= 10 for e in etas):
+        raise ValueError(f"--etas must be in [0, 10]; got {etas}")
+    rows = [{"name": f"ddim-{s}-eta{e:g}", "source": "torch", "sampler": "ddim", "steps": s, "eta": e}
+            for e in etas for s in steps]
+    return rows + [{"name": f"ddpm-{s}", "source": "torch", "sampler": "ddpm", "steps": s, "eta": None} for s in ddpm]
+
+
+def open_onnx(path: Path, flag: str):
+    """An OnnxSampler for path, with a clear error if it is missing or unreadable."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        from .export.runtime import OnnxSampler
+    except ImportError as e:
+        raise RuntimeError(f"{flag} needs fastdiff.export.runtime and onnxruntime ({e})") from None
+    try:
+        return OnnxSampler(path)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ValueError(f"{flag} {path}: not a readable fastdiff ONNX model ({type(e).__name__}: {e})") from None
+
+
+def machine(device) -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def run_eval(a: argparse.Namespace) -> None:
+    import torch
+
+    if a.threads is not None and a.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {a.threads}")
+    threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        evaluate_all(a)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def evaluate_all(a: argparse.Namespace) -> None:
+    """Sample and score every row; write results.json (after each row), results.md, fid_vs_steps.png, grids/."""
+    import torch
+    from tqdm import tqdm
+
+    from . import __version__, metrics, ops
+    from .checkpoint import load_model, write_json
+    from .cli import BUNDLED, pick_device
+    from .images import grid, save_png
+    from .sampling import generate
+
+    n = a.n if a.n is not None else (QUICK_N if a.quick else N)
+    if n < 2:
+        raise ValueError(f"--n must be >= 2 (FID needs a covariance); got {n}")
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {a.batch_size}")
+    ckpt = a.ckpt or BUNDLED
+    if a.ckpt is None and not BUNDLED.exists():
+        raise FileNotFoundError(f"no --ckpt given and the bundled model {BUNDLED} is missing; pass --ckpt RUN_FOLDER")
+    model, schedule, _ = load_model(ckpt)
+    device = pick_device(a.device)
+    model = model.to(device)
+    rows = plan(a, schedule.num_train_timesteps)
+    onnx = {kind: open_onnx(path, flag) for kind, path, flag in
+            (("onnx-fp32", a.onnx, "--onnx"), ("onnx-int8", a.onnx_int8, "--onnx-int8")) if path is not None}
+    rows += [{"name": f"{kind}-ddim-{ONNX_STEPS}", "source": kind, "sampler": "ddim", "steps": ONNX_STEPS,
+              "eta": ONNX_ETA} for kind in onnx]
+    if not rows:
+        raise ValueError("nothing to evaluate: --steps/--etas and --ddpm-steps select no rows")
+
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    classes = torch.arange(n) % cfg.num_classes if cfg.num_classes else None  # balanced classes if conditional
+    floor = metrics.real_floor(n)
+    results = {"fastdiff": __version__, "torch": torch.__version__, "step_backend": ops.backend(),
+               "machine": machine(device), "ckpt": str(ckpt), "n": n, "seed": a.seed,
+               "reference": "load_digits(16, 'test'): 297 held-out digits",
+               "classifier": {"path": str(metrics.CLASSIFIER), "test_accuracy": metrics.classifier_accuracy()},
+               "floor": {"what": f"{floor['n']} real train digits vs the test digits", **floor}, "rows": []}
+
+    def sample(count: int, **kw) -> torch.Tensor:
+        return generate(model, schedule, shape, count, seed=a.seed, num_classes=cfg.num_classes,
+                        classes=None if classes is None else classes[:count], batch_size=a.batch_size, device=device,
+                        **kw)
+
+    sample(min(n, a.batch_size), sampler="ddim", steps=1)  # warm-up, so that the first row's seconds are fair
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "grids").mkdir(exist_ok=True)
+    bar = tqdm(rows, desc="eval", unit="row", disable=a.quiet, dynamic_ncols=True)
+    for row in bar:
+        bar.set_postfix_str(row["name"])
+        start = time.perf_counter()
+        if row["source"] == "torch":
+            options = {"eta": row["eta"]} if row["sampler"] == "ddim" else {}
+            images = sample(n, sampler=row["sampler"], steps=row["steps"], progress=not a.quiet, **options)
+        else:
+            images = torch.from_numpy(onnx[row["source"]].sample(n, sampler="ddim", steps=ONNX_STEPS, seed=a.seed,
+                                                                 eta=ONNX_ETA, progress=not a.quiet))
+            images = images.float().clamp(-1, 1)
+        seconds = time.perf_counter() - start
+        grid_path = a.out / "grids" / f"{row['name']}.png"
+        save_png(grid(images[:64], scale=4), grid_path)
+        row.update(metrics.evaluate(images), seconds=round(seconds, 3), grid=str(grid_path))
+        results["rows"].append(row)
+        write_json(a.out / "results.json", results)  # after every row, so a long run can be watched
+    write_markdown(results, a.out / "results.md")
+    plot(results, a.out / "fid_vs_steps.png")
+    best = min(results["rows"], key=lambda r: r["fid"])
+    print(f"{len(rows)} rows, n={n}: best FID {best['fid']:.2f} ({best['name']}), real-vs-real floor "
+          f"{floor['fid']:.2f} → {a.out}/results.md")
+
+
+def _label(row: dict) -> str:
+    if row["source"] != "torch":
+        return f"ONNX {row['source'].split('-')[1].upper()} (DDIM η = {row['eta']:g})"
+    return f"DDIM η = {row['eta']:g}" if row["sampler"] == "ddim" else "DDPM"
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    """The DDIM-paper table (rows η / DDPM / ONNX, columns S) and a detail table of every row."""
+    from .checkpoint import atomic_write
+
+    rows, floor = results["rows"], results["floor"]
+    columns = sorted({r["steps"] for r in rows})
+    table: dict[str, dict[int, float]] = {}
+    for r in rows:
+        table.setdefault(_label(r), {})[r["steps"]] = r["fid"]
+    lines = [f"# FID vs sampling steps: {results['ckpt']}", "",
+             f"n = {results['n']} samples per cell (seed {results['seed']}), FID (lower is better) against "
+             f"{results['reference']}, in the 64-wide feature space of fastdiff's digits classifier (test accuracy "
+             f"{results['classifier']['test_accuracy']:.1%}). torch {results['torch']}, {results['machine']['device']}"
+             f" ({results['machine']['gpu'] or results['machine']['cpu']}).", "",
+             "| | " + " | ".join(f"S = {s}" for s in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label, cells in table.items():
+        lines.append(f"| {label} | " + " | ".join(f"{cells[s]:.2f}" if s in cells else "–" for s in columns) + " |")
+    lines.append(f"| real vs real (floor) | " + " | ".join(f"{floor['fid']:.2f}" for _ in columns) + " |")
+    lines += ["", f"Floor: {floor['what']}: FID {floor['fid']:.2f}, KID {floor['kid_mean']:.4f} ± "
+              f"{floor['kid_std']:.4f}.", "", "| row | sampler | S | η | FID | KID | confident | seconds |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        eta = "–" if r["eta"] is None else f"{r['eta']:g}"
+        lines.append(f"| {r['name']} | {r['source']} {r['sampler']} | {r['steps']} | {eta} | {r['fid']:.2f} | "
+                     f"{r['kid_mean']:.4f} ± {r['kid_std']:.4f} | {r['confident']:.1%} | {r['seconds']:.1f} |")
+    lines += ["", "KID: unbiased polynomial-kernel MMD², mean ± std over random subsets. confident: share of samples "
+              "the classifier labels with softmax ≥ 0.8. seconds: wall time to sample the n images (after one "
+              "warm-up call; ONNX rows include their session's first run).", ""]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
+
+
+def plot(results: dict, path: Path) -> None:
+    """FID vs S (log x), one line per η; DDPM and the real-vs-real floor as horizontal lines, ONNX as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from .checkpoint import atomic_write
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for eta in sorted({r["eta"] for r in rows if r["source"] == "torch" and r["sampler"] == "ddim"}):
+        pts = sorted((r["steps"], r["fid"]) for r in rows if r["source"] == "torch" and r["eta"] == eta
+                     and r["sampler"] == "ddim")
+        ax.plot(*zip(*pts), marker="o", label=f"DDIM η = {eta:g}")
+    for i, r in enumerate(r for r in rows if r["sampler"] == "ddpm"):
+        ax.axhline(r["fid"], color=f"C{5 + i}", linestyle="--", label=f"DDPM-{r['steps']}")
+    for r, marker in zip((r for r in rows if r["source"] != "torch"), "s^"):
+        ax.plot([r["steps"]], [r["fid"]], marker=marker, linestyle="none", color="k", label=_label(r))
+    ax.axhline(results["floor"]["fid"], color="gray", linestyle=":", label="real vs real (floor)")
+    ax.set(xscale="log", xlabel="sampling steps S", ylabel="FID (classifier features)",
+           title=f"FID vs steps (n = {results['n']})")
+    ax.set_xticks(sorted({r["steps"] for r in rows}), minor=False)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
