@@ -27,7 +27,7 @@ def add_train(sub) -> None:
     from .schedule import BETA_SCHEDULES
 
     p = sub.add_parser("train", help="train a DDPM U-Net", description="Train a DDPM U-Net (Ho et al. 2020, Algorithm 1).")
-    p.add_argument("--data", default="digits", help="'digits' (bundled scikit-learn digits), a folder of images "
+    p.add_argument("--data", default="digits", help="'digits' (bundled scikit-learn digits, the 1500-image train split), a folder of images "
                    "(sub-folders = classes) or a .npz with 'images' [and 'labels'] (default: digits)")
     p.add_argument("--preset", default="digits", choices=list(PRESETS), help="network size (default: digits)")
     p.add_argument("--out", type=Path, default=Path("runs/digits"), help="run folder for checkpoints (default: runs/digits)")

@@ -15,7 +15,7 @@ from .schedule import NoiseSchedule, Step
 
 Model = Callable[..., torch.Tensor]
 StepFn = Callable[..., torch.Tensor]
-INITIAL_NOISE_STEP = 2**32 - 1  # Philox step counter reserved for x_T; reverse steps use their timestep
+INITIAL_NOISE_STEP = noise.INITIAL_NOISE_STEP
 
 
 def make_seeds(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -96,8 +96,13 @@ def check_request(model_classes: int, n: int, classes: torch.Tensor | None, guid
 def generate(model: Model, schedule: NoiseSchedule, image_shape: tuple[int, int, int], n: int, *, seed: int = 0,
              sampler: str = "ddim", steps: int = 50, classes: torch.Tensor | int | None = None,
              guidance: float = 1.0, num_classes: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
-             progress: bool = False, step_fn: StepFn | None = None, **options) -> torch.Tensor:
-    """n samples in [-1, 1] as (n, C, H, W) float32 on the CPU; sample i uses seed + i."""
+             progress: bool = False, step_fn: StepFn | None = None, engine: bool | None = None,
+             **options) -> torch.Tensor:
+    """n samples in [-1, 1] as (n, C, H, W) float32 on the CPU; sample i uses seed + i.
+
+    engine: run each batch with fastdiff.engine.Engine (one CUDA graph per batch shape on CUDA, the fused
+    step on CPU); False: the plain reference loop `run()` (the only path that takes a custom step_fn or
+    shows per-step progress). None (default): the engine unless step_fn is given."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     device = torch.device(device)
@@ -106,12 +111,24 @@ def generate(model: Model, schedule: NoiseSchedule, image_shape: tuple[int, int,
     if classes is not None and len(classes) != n:
         raise ValueError(f"classes must hold one id per sample ({n}); got {len(classes)}")
     check_request(num_classes, n, classes, guidance)
+    if engine is None:
+        engine = step_fn is None
+    if engine and step_fn is not None:
+        raise ValueError("step_fn is only used by the plain loop: pass engine=False with it")
+    runner = None
+    if engine:
+        from .engine import Engine
+
+        runner = Engine(model, schedule, device=device, channels_last=device.type == "cuda")
     out = []
     batches = range(0, n, batch_size)
     for start in tqdm(batches, desc=f"{sampler}-{steps}", disable=not progress or len(batches) == 1):
         seeds = make_seeds(seed + start, min(batch_size, n - start), device)
-        x = initial_noise(seeds, image_shape)
         y = classes[start:start + len(seeds)].to(device) if classes is not None else None
+        if runner is not None:
+            out.append(runner.sample(seeds, image_shape, sampler, steps, y=y, guidance=guidance, **options).cpu())
+            continue
+        x = initial_noise(seeds, image_shape)
         x = SAMPLERS[sampler](model, x, seeds, schedule, steps, y=y, guidance=guidance, step_fn=step_fn,
                               progress=progress, **options)
         out.append(x.float().cpu())

@@ -1,0 +1,68 @@
+"""fastdiff.bench: the `bench` CLI writes JSON + Markdown + PNG; the case builders; the diffusers mapping."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdiff import bench, ops
+from fastdiff.cli import main
+from fastdiff.nn.unet import UNet
+from fastdiff.schedule import NoiseSchedule
+
+from conftest import TINY
+
+
+def test_bench_smoke_writes_results(tmp_path) -> None:
+    out = tmp_path / "res"
+    assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert {"cpu", "cpu_cores", "torch", "cuda", "device_name", "date"} <= set(result["machine"])
+    sections = {r["section"] for r in result["rows"]}
+    assert sections == {"step", "peers", "e2e"}
+    measured = [r for r in result["rows"] if "median_s" in r]
+    assert measured and all(r["median_s"] > 0 for r in measured)
+    step = {r["impl"]: r for r in result["rows"] if r["section"] == "step"}
+    assert step["copy"]["copy_fraction"] == pytest.approx(1.0) and step["fused"]["gbps"] > 0
+    md = (out / "results.md").read_text()
+    assert "| size | dtype | impl |" in md and "engine" in md
+    assert (out / "latency_vs_steps.png").stat().st_size > 1000
+    assert (out / "step_bandwidth.png").stat().st_size > 1000
+
+
+def test_bench_rejects_bad_sections(tmp_path, capsys) -> None:
+    assert main(["bench", "--smoke", "--out", str(tmp_path), "--sections", "step,nope"]) == 2
+    assert "--sections" in capsys.readouterr().err
+
+
+def test_eager_step_is_the_fused_mean() -> None:
+    """The diffusers-style baseline computes the same update as the fused op (noise aside)."""
+    schedule = NoiseSchedule()
+    t, prev, coefs = bench.step_coefs_example(schedule)
+    table = bench._alpha_table(schedule)
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    want = bench.diffusers_ddim_step(m, x, table[t], table[prev], eta=0.0)
+    plan0 = dict(zip(*zip(*schedule.plan("ddim", 50, eta=0.0))))
+    got = ops.reverse_step(x, m, torch.arange(2), t, plan0[t])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert coefs.sigma > 0  # the timed step draws noise
+
+
+def test_step_case_shapes_and_bytes() -> None:
+    case = bench.step_case("fused", 64 * 1024, "fp32", "cpu")
+    assert case.bytes == 3 * 4 * 64 * 1024 and case.fn().numel() == 64 * 1024
+    copy = bench.step_case("copy", 3072, "bf16", "cpu")
+    assert copy.bytes == 2 * 2 * 3072
+    assert bench.step_shape(3072 * 5) == (5, 3, 32, 32)
+
+
+def test_diffusers_unet_same_weights_same_output() -> None:
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ours = UNet(TINY).eval()
+    theirs = bench.to_diffusers_unet(ours)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    with torch.inference_mode():
+        torch.testing.assert_close(theirs(x, t).sample, ours(x, t), rtol=1e-4, atol=1e-4)
