@@ -203,7 +203,7 @@ def write_markdown(results: dict, path: Path) -> None:
              "| | " + " | ".join(f"S = {s}" for s in columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, cells in table.items():
         lines.append(f"| {label} | " + " | ".join(f"{cells[s]:.2f}" if s in cells else "–" for s in columns) + " |")
-    lines.append(f"| real vs real (floor) | " + " | ".join(f"{floor['fid']:.2f}" for _ in columns) + " |")
+    lines.append("| real vs real (floor) | " + " | ".join(f"{floor['fid']:.2f}" for _ in columns) + " |")
     lines += ["", f"Floor: {floor['what']}: FID {floor['fid']:.2f}, KID {floor['kid_mean']:.4f} ± "
               f"{floor['kid_std']:.4f}.", "", "| row | sampler | S | η | FID | KID | confident | seconds |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -37,7 +37,7 @@ def _is_np(a: Array) -> bool:
     return isinstance(a, (np.ndarray, np.generic))
 
 
-def _where(c: Array, a: Array, b: Array) -> Array:
+def where(c: Array, a: Array, b: Array) -> Array:
     if _is_np(c):
         return np.where(c, a, b)
     import torch
@@ -108,8 +108,8 @@ def _radius(u32: Array) -> Array:
     e = ((bits >> 23) & 0xFF) - 127
     mant = _bits_f32((bits & 0x7FFFFF) | 0x3F800000)
     big = mant > SQRT2
-    mant = _where(big, mant * 0.5, mant)
-    e = _where(big, e + 1, e)
+    mant = where(big, mant * 0.5, mant)
+    e = where(big, e + 1, e)
     s = (mant - 1.0) / (mant + 1.0)
     s2 = s * s
     p = s2 * LN_C9 + LN_C7
@@ -126,7 +126,7 @@ def _cos_sin(v32: Array) -> tuple[Array, Array]:
     q = o >> 1
     h = (o & 1) == 1
     f = (v32 >> 6) & 0x7FFFFF
-    f = _where(h, 0x7FFFFF - f, f)
+    f = where(h, 0x7FFFFF - f, f)
     phi = _to_f32((f << 1) + 1) * PHI_STEP
     p2 = phi * phi
     s = p2 * SIN_C9 + SIN_C7
@@ -139,13 +139,13 @@ def _cos_sin(v32: Array) -> tuple[Array, Array]:
     c = c * p2 + COS_C4
     c = c * p2 + COS_C2
     cos_p = c * p2 + 1.0
-    sin_a = _where(h, cos_p, sin_p)
-    cos_a = _where(h, sin_p, cos_p)
+    sin_a = where(h, cos_p, sin_p)
+    cos_a = where(h, sin_p, cos_p)
     odd = (q & 1) == 1
-    cos_t = _where(odd, sin_a, cos_a)
-    sin_t = _where(odd, cos_a, sin_a)
-    cos_t = _where((q == 1) | (q == 2), -cos_t, cos_t)
-    sin_t = _where(q >= 2, -sin_t, sin_t)
+    cos_t = where(odd, sin_a, cos_a)
+    sin_t = where(odd, cos_a, sin_a)
+    cos_t = where((q == 1) | (q == 2), -cos_t, cos_t)
+    sin_t = where(q >= 2, -sin_t, sin_t)
     return cos_t, sin_t
 
 

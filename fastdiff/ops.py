@@ -8,13 +8,12 @@ noise bits) is used instead, with one warning; backend() says which is in use.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import torch
 
-from . import noise
+from . import reference
 from .schedule import StepCoefs
 
 __all__ = ["reverse_step", "reverse_step_reference", "backend"]
@@ -116,19 +115,6 @@ def reverse_step_reference(x: torch.Tensor, model_output: torch.Tensor, seeds: t
     return _reference(x, model_output, seeds, int(step), coefs)
 
 
-def _f32(v: float) -> float:
-    """The float32 value of a scalar (what the kernels compute with), as a Python float."""
-    return float(np.float32(v))
-
-
 def _reference(x: torch.Tensor, m: torch.Tensor, seeds: torch.Tensor, step: int, coefs: StepCoefs) -> torch.Tensor:
-    a, b, clip, k_x0, k_x, k_m, sigma = (_f32(c) for c in coefs)
-    xf, mf = x.float(), m.float()
-    x0 = a * xf + b * mf
-    if math.isfinite(coefs.clip_range):
-        x0 = torch.where(x0 < -clip, -clip, torch.where(x0 > clip, clip, x0))
-    out = k_x0 * x0 + k_x * xf + k_m * mf
-    if sigma != 0.0:
-        z = noise.gaussian(seeds, step, x[0].numel() if x.shape[0] else 0)
-        out = out + sigma * z.reshape(x.shape)
+    out = reference.reverse_step(x.float(), m.float(), seeds, step, coefs)
     return out.to(x.dtype).contiguous(memory_format=_memory_format(x))

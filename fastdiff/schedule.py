@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 BETA_SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from fastdiff import checkpoint
 from fastdiff.data import load_digits

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import math
 import statistics
 import tempfile
 import time
@@ -215,7 +214,7 @@ def _error_bands(fp32: OnnxSampler, int8: OnnxSampler, images, labels, idx, band
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# INT8 quantization report", "", f"- fp32: `{r['fp32']}`", f"- int8: `{r['int8']}` ({r['format']})",
+    lines = ["# INT8 quantization report", "", f"- fp32: `{r['fp32']}`", f"- int8: `{r['int8']}` ({r['format']})",
              f"- method: {r['method']}, calibration samples: {r['calib_size']} from `{r['data']}` (seed {r['seed']}), "
              f"onnxruntime {r['onnxruntime']}", "",
              f"Size: {r['size_fp32_bytes'] / 1e6:.3f} MB → {r['size_int8_bytes'] / 1e6:.3f} MB "

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .. import noise
+from .. import noise, reference
 from ..schedule import SAMPLERS, NoiseSchedule, StepCoefs
 
 __all__ = ["OnnxSampler", "reverse_step", "FORMAT", "INITIAL_NOISE_STEP"]
@@ -31,15 +31,7 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 def reverse_step(x: np.ndarray, m: np.ndarray, seeds: np.ndarray, t: int, coefs: StepCoefs) -> np.ndarray:
     """One reverse step in float32, operation for operation as the fused kernel (fastdiff.ops)."""
-    a, b, clip, k_x0, k_x, k_m, sigma = (np.float32(c) for c in coefs)
-    x0 = a * x + b * m
-    if math.isfinite(coefs.clip_range):  # NaN-propagating clamp, as the kernel's
-        x0 = np.where(x0 < -clip, -clip, np.where(x0 > clip, clip, x0))
-    out = k_x0 * x0 + k_x * x + k_m * m
-    if sigma != 0:
-        z = noise.gaussian(seeds, t, x[0].size if len(x) else 0)
-        out = out + sigma * z.reshape(x.shape)
-    return out.astype(np.float32, copy=False)
+    return reference.reverse_step(x, m, seeds, t, coefs).astype(np.float32, copy=False)
 
 
 def default_providers() -> list[str]:

@@ -3,7 +3,7 @@ resolutions, optional class conditioning with a null class for classifier-free g
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
