@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1
 RUN    ?= runs/digits
 OUT    ?= samples
-DEMO_STEPS ?= 1500
+DEMO_STEPS ?= 1200
 
 .PHONY: install demo test bench clean
 

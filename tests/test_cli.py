@@ -62,3 +62,9 @@ def test_unknown_sampler_is_rejected_by_argparse(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--sampler", "euler"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_sample_uses_the_shipped_model_by_default(tmp_path):
+    assert main(["sample", "--n", "3", "--steps", "4", "--out", str(tmp_path), "--quiet"]) == 0
+    info = json.loads((tmp_path / "ddim-4.json").read_text())
+    assert info["source"].endswith("assets/digits") and Image.open(tmp_path / "ddim-4" / "0000.png").size == (16, 16)
