@@ -100,6 +100,9 @@ def add_sample(sub) -> None:
     p.add_argument("--spacing", choices=SPACINGS, default="leading", help="timestep spacing (default: leading)")
     p.add_argument("--variance", choices=VARIANCE_TYPES, default="fixed_small", help="DDPM variance (default: fixed_small)")
     p.add_argument("--no-clip", action="store_true", help="do not clamp predicted x0 to [-1, 1]")
+    p.add_argument("--clipped-eps", action="store_true",
+                   help="DDIM: re-derive ε from the clamped x0 (diffusers' use_clipped_model_output); keeps many-step "
+                        "DDIM with clipping consistent")
     p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     p.add_argument("--class", dest="cls", type=int, help="class id for class-conditional models")
@@ -121,9 +124,12 @@ def run_sample(a: argparse.Namespace) -> None:
     from .sampling import generate
 
     options = {"spacing": a.spacing, "clip_sample": not a.no_clip}
-    options |= {"eta": a.eta} if a.sampler == "ddim" else {"variance_type": a.variance}
-    if a.sampler == "ddpm" and a.eta:
-        raise ValueError("--eta applies to --sampler ddim only")
+    if a.sampler == "ddim":
+        options |= {"eta": a.eta} | ({"use_clipped_model_output": True} if a.clipped_eps else {})
+    else:
+        options |= {"variance_type": a.variance}
+    if a.sampler == "ddpm" and (a.eta or a.clipped_eps):
+        raise ValueError("--eta and --clipped-eps apply to --sampler ddim only")
     start = time.time()
     if a.onnx:
         from .export.runtime import OnnxSampler

@@ -43,6 +43,8 @@ def add(sub) -> None:
     p.add_argument("--ddpm-steps", type=_ints, help="DDPM steps, comma-separated; '' for none (default: 1000)")
     p.add_argument("--onnx", type=Path, help=f"also score this exported FP32 ONNX model (DDIM-{ONNX_STEPS}, eta 0)")
     p.add_argument("--onnx-int8", type=Path, help=f"also score this INT8 ONNX model (DDIM-{ONNX_STEPS}, eta 0)")
+    p.add_argument("--clipped-eps", action="store_true",
+                   help="DDIM rows re-derive ε from the clipped x0 (diffusers' use_clipped_model_output)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i in every row (default: 0)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
@@ -143,7 +145,7 @@ def evaluate_all(a: argparse.Namespace) -> None:
     classes = torch.arange(n) % cfg.num_classes if cfg.num_classes else None  # balanced classes if conditional
     floor = metrics.real_floor(n)
     results = {"fastdiff": __version__, "torch": torch.__version__, "step_backend": ops.backend(),
-               "machine": machine(device), "ckpt": str(ckpt), "n": n, "seed": a.seed,
+               "machine": machine(device), "ckpt": str(ckpt), "n": n, "seed": a.seed, "ddim_clipped_eps": a.clipped_eps,
                "reference": "load_digits(16, 'test'): 297 held-out digits",
                "classifier": {"path": str(metrics.CLASSIFIER), "test_accuracy": metrics.classifier_accuracy()},
                "floor": {"what": f"{floor['n']} real train digits vs the test digits", **floor}, "rows": []}
@@ -161,7 +163,7 @@ def evaluate_all(a: argparse.Namespace) -> None:
         bar.set_postfix_str(row["name"])
         start = time.perf_counter()
         if row["source"] == "torch":
-            options = {"eta": row["eta"]} if row["sampler"] == "ddim" else {}
+            options = {"eta": row["eta"], "use_clipped_model_output": a.clipped_eps} if row["sampler"] == "ddim" else {}
             images = sample(n, sampler=row["sampler"], steps=row["steps"], progress=not a.quiet, **options)
         else:
             images = torch.from_numpy(onnx[row["source"]].sample(n, sampler="ddim", steps=ONNX_STEPS, seed=a.seed,

@@ -27,7 +27,8 @@ def test_train_refuses_to_overwrite_without_resume(run_dir, capsys):
 
 
 @pytest.mark.parametrize("args", [["--sampler", "ddim", "--steps", "5", "--eta", "0.5"],
-                                  ["--sampler", "ddpm", "--steps", "4", "--spacing", "trailing"]])
+                                  ["--sampler", "ddpm", "--steps", "4", "--spacing", "trailing"],
+                                  ["--sampler", "ddim", "--steps", "6", "--clipped-eps"]])
 def test_sample_writes_pngs_grid_and_sidecar(run_dir, tmp_path, args):
     assert main(["sample", "--ckpt", str(run_dir), "--n", "5", "--out", str(tmp_path), "--quiet", *args]) == 0
     name = f"{args[1]}-{args[3]}"
@@ -49,6 +50,7 @@ def test_info(capsys):
     (["sample", "--eta", "-1"], "eta"),
     (["sample", "--guidance", "3", "--class", "7"], "unconditional"),
     (["train", "--data", "/nonexistent/folder", "--steps", "1"], "no such file"),
+    (["sample", "--sampler", "ddpm", "--clipped-eps"], "ddim only"),
 ])
 def test_clear_errors(run_dir, capsys, args, match):
     if args[0] == "sample" and "--ckpt" not in args:
