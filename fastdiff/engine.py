@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from . import ops
 from .sampling import INITIAL_NOISE_STEP, model_output
@@ -130,9 +131,11 @@ class Engine:
         return self.schedule.plan(sampler, steps, **options)
 
     def sample(self, seeds: torch.Tensor, image_shape: tuple[int, ...], sampler: str = "ddim", steps: int = 50,
-               y: torch.Tensor | None = None, guidance: float = 1.0, **options) -> torch.Tensor:
+               y: torch.Tensor | None = None, guidance: float = 1.0, progress: bool = False,
+               **options) -> torch.Tensor:
         """Samples x_0 (float32, contiguous, on the engine's device; not clamped) for the given seeds,
-        one int64 seed per sample; y: class ids (or None), guidance: classifier-free guidance scale."""
+        one int64 seed per sample; y: class ids (or None), guidance: classifier-free guidance scale;
+        progress: a per-step bar on the eager path (a captured graph runs as one replay)."""
         seeds, image_shape, y, guidance = self._check(seeds, image_shape, y, guidance)
         plan = self.plan(sampler, steps, **options)
         threads = torch.get_num_threads()
@@ -144,7 +147,7 @@ class Engine:
                     out = self._sample_graph(seeds, image_shape, sampler, steps, plan, y, guidance, options)
                 else:
                     self.stats["eager_runs"] += 1
-                    out = self._loop(seeds, image_shape, plan, y, guidance)
+                    out = self._loop(seeds, image_shape, plan, y, guidance, progress)
                 if self.check_finite and not bool(torch.isfinite(out).all()):
                     raise FloatingPointError(f"the samples hold NaN or inf ({sampler}-{steps}); check the weights, "
                                              "the inputs and, with dtype=float16, the model's range")
@@ -191,12 +194,12 @@ class Engine:
         return torch.channels_last if self.channels_last and len(image_shape) == 3 else torch.contiguous_format
 
     def _loop(self, seeds: torch.Tensor, image_shape: tuple[int, ...], plan: list[Step], y: torch.Tensor | None,
-              guidance: float) -> torch.Tensor:
+              guidance: float, progress: bool = False) -> torch.Tensor:
         """x_T from the fused op, then model + fused step per plan entry; no host sync."""
         zeros = torch.zeros((len(seeds), *image_shape), device=self.device).contiguous(
             memory_format=self._layout(image_shape))
         x = ops.reverse_step(zeros, zeros, seeds, INITIAL_NOISE_STEP, INITIAL_NOISE_COEFS)
-        for t, coefs in plan:
+        for t, coefs in tqdm(plan, desc="sample", disable=not progress, leave=False, dynamic_ncols=True):
             with self._autocast():
                 m = model_output(self.model, x, t, y, guidance)
             if self.check_finite and self.device.type == "cpu" and not bool(torch.isfinite(m).all()):

@@ -101,8 +101,8 @@ def generate(model: Model, schedule: NoiseSchedule, image_shape: tuple[int, int,
     """n samples in [-1, 1] as (n, C, H, W) float32 on the CPU; sample i uses seed + i.
 
     engine: run each batch with fastdiff.engine.Engine (one CUDA graph per batch shape on CUDA, the fused
-    step on CPU); False: the plain reference loop `run()` (the only path that takes a custom step_fn or
-    shows per-step progress). None (default): the engine unless step_fn is given."""
+    step on CPU); False: the plain reference loop `run()` (the only path that takes a custom step_fn).
+    None (default): the engine unless step_fn is given."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     device = torch.device(device)
@@ -126,7 +126,8 @@ def generate(model: Model, schedule: NoiseSchedule, image_shape: tuple[int, int,
         seeds = make_seeds(seed + start, min(batch_size, n - start), device)
         y = classes[start:start + len(seeds)].to(device) if classes is not None else None
         if runner is not None:
-            out.append(runner.sample(seeds, image_shape, sampler, steps, y=y, guidance=guidance, **options).cpu())
+            out.append(runner.sample(seeds, image_shape, sampler, steps, y=y, guidance=guidance, progress=progress,
+                                     **options).cpu())
             continue
         x = initial_noise(seeds, image_shape)
         x = SAMPLERS[sampler](model, x, seeds, schedule, steps, y=y, guidance=guidance, step_fn=step_fn,
