@@ -181,13 +181,11 @@ COMMANDS = [add_train, add_sample, add_info]
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdiff", description="Train DDPM U-Nets and sample them fast (DDPM / DDIM).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
+    from . import bench, metrics_cli
+    from .export import cli as export_cli
+
+    for add in (*COMMANDS, export_cli.add, bench.add, metrics_cli.add):
         add(sub)
-    for module in ("export.cli", "bench", "metrics_cli"):
-        try:
-            __import__(f"{__package__}.{module}", fromlist=["add"]).add(sub)
-        except ModuleNotFoundError:
-            pass
     return p
 
 

@@ -20,7 +20,7 @@ from ..schedule import SAMPLERS, NoiseSchedule, StepCoefs
 
 __all__ = ["OnnxSampler", "reverse_step", "FORMAT", "INITIAL_NOISE_STEP"]
 
-INITIAL_NOISE_STEP = getattr(noise, "INITIAL_NOISE_STEP", 2**32 - 1)
+INITIAL_NOISE_STEP = noise.INITIAL_NOISE_STEP
 FORMAT, FORMAT_VERSION = "fastdiff-denoiser", "1"
 KEY_FORMAT, KEY_FORMAT_VERSION, KEY_VERSION = "fastdiff.format", "fastdiff.format_version", "fastdiff.version"
 KEY_SCHEDULE, KEY_SHAPE, KEY_CLASSES = "fastdiff.schedule", "fastdiff.image_shape", "fastdiff.num_classes"
