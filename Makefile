@@ -38,7 +38,7 @@ endif
 	@echo "Grids: $(OUT)/{ddpm-1000,ddim-50,onnx-ddim-50,int8-ddim-50}_grid.png; INT8 report: $(OUT)/model.int8.onnx.report.md"
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	FASTDIFF_REQUIRE_EXTENSION=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(FD) bench --quick

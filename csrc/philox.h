@@ -1,6 +1,6 @@
 // Counter-based Gaussian noise: Philox4x32-10 (Random123) + a portable Box-Muller.
 //
-// The contract (shared design §3): z(seed, step, i) is bit-identical on the host, the device,
+// The contract (docs/design.md §3): z(seed, step, i) is bit-identical on the host, the device,
 // NumPy and PyTorch (fastdiff/noise.py mirrors every operation below, in the same order).
 // Only float32 + - * / and sqrt, each correctly rounded; no libm, no intrinsics, no fma
 // (host: -ffp-contract=off, device: -fmad=false).

@@ -3,8 +3,6 @@ plus a readable config.json, each written atomically (temp file + rename)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,35 +10,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from . import __version__
+from .files import atomic_write, write_json
 from .nn.unet import UNet, UNetConfig
 from .schedule import NoiseSchedule
 
 WEIGHTS = "checkpoint.safetensors"
 CONFIG = "config.json"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over path: a crash leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp (and some writers) create 0600; results are meant to be shared
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
-
-    atomic_write(path, write)
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "digits"  # the shipped digits model (EMA weights only)
 
 
 def save(directory: Path, config: dict, tensors: dict[str, torch.Tensor], meta: dict) -> Path:

@@ -3,10 +3,10 @@
 On CUDA the whole denoising loop — x_T included — is captured as ONE CUDA graph per request key
 (batch size, image shape, sampler, steps, options, dtype, guidance, conditional or not):
 
-* static buffers: the per-sample seeds (an int64 device tensor, shared design §3), the class ids
+* static buffers: the per-sample seeds (an int64 device tensor, docs/design.md §3), the class ids
   and the output; a replay copies new seeds into the static buffer and so draws new samples,
   without recapture and without any host sync inside the loop (x_T is drawn by the fused op
-  itself: reverse_step(0, 0, seeds, INITIAL_NOISE_STEP, σ=1) is exactly sampling.initial_noise);
+  itself: ops.initial_noise);
 * the fused reverse step (torch.ops.fastdiff.reverse_step) after every model call;
 * optional bf16/fp16 autocast of the model; the step state x stays float32;
 * the model and the state in channels_last (the fused op keeps the layout; the noise depends on
@@ -20,7 +20,7 @@ On the CPU the same loop runs eagerly under torch.inference_mode with the fused 
 one thread per physical core, which is right for a dedicated machine); pass `num_threads` to
 set it for the duration of each `sample` call, e.g. when other processes share the cores.
 
-Results equal `sampling.run` with the same seeds (fp32: to float32 rounding of the model's
+Every path runs the one loop `fastdiff.sampling.denoise`. Results equal the plain samplers with the same seeds (fp32: to float32 rounding of the model's
 convolutions; bf16/fp16: within the model's own reduced-precision error).
 
 Side effect: the engine puts the model in eval mode on `device` and, with channels_last,
@@ -28,30 +28,22 @@ converts its parameters to channels_last in place (the same module object is use
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
 
 from . import ops
-from .sampling import INITIAL_NOISE_STEP, model_output
-from .schedule import NoiseSchedule, Step, StepCoefs
+from .request import SampleRequest, check_float, check_int
+from .sampling import SAMPLERS, Model, denoise, initial_noise, make_seeds
+from .schedule import NoiseSchedule, Step
 
-__all__ = ["Engine", "INITIAL_NOISE_COEFS", "SAMPLER_OPTIONS"]
+__all__ = ["Engine", "generate"]
 
-# reverse_step(0, 0, seeds, INITIAL_NOISE_STEP, INITIAL_NOISE_COEFS) = 1·z: the normals of x_T.
-INITIAL_NOISE_COEFS = StepCoefs(0.0, 0.0, math.inf, 0.0, 0.0, 0.0, 1.0)
-
-SAMPLER_OPTIONS = {
-    "ddpm": ("variance_type", "spacing", "steps_offset", "clip_sample", "clip_sample_range"),
-    "ddim": ("eta", "spacing", "steps_offset", "clip_sample", "clip_sample_range", "set_alpha_to_one",
-             "use_clipped_model_output"),
-}
 DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 _WARMUP_STEPS = 2  # model calls per warm-up pass (shapes are the same at every step)
 _WARMUP_PASSES = 3
@@ -84,13 +76,12 @@ class Engine:
                  dtype: torch.dtype | None = None, channels_last: bool = True, use_graphs: bool = True,
                  cache_size: int = 8, num_threads: int | None = None, check_finite: bool = True):
         if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a fastdiff NoiseSchedule; got {type(schedule).__name__}")
+            raise ValueError(f"schedule must be a fastdiff NoiseSchedule; got {type(schedule).__name__}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16; got {dtype}")
-        if cache_size < 1:
-            raise ValueError(f"cache_size must be >= 1; got {cache_size}")
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1; got {num_threads}")
+        check_int("cache_size", cache_size, 1)
+        if num_threads is not None:
+            check_int("num_threads", num_threads, 1)
         if device is None:
             try:
                 device = next(model.parameters()).device
@@ -118,26 +109,17 @@ class Engine:
         self.stats = {"captures": 0, "replays": 0, "eager_runs": 0, "evictions": 0, "capture_failures": 0}
 
     # --- public -------------------------------------------------------------------------------------
-    def plan(self, sampler: str, steps: int, **options) -> list[Step]:
-        """The reverse steps of a request (validates sampler, steps and options)."""
-        if sampler not in SAMPLER_OPTIONS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_OPTIONS)}; got {sampler!r}")
-        unknown = set(options) - set(SAMPLER_OPTIONS[sampler])
-        if unknown:
-            raise ValueError(f"unknown option(s) for {sampler}: {', '.join(sorted(unknown))}; "
-                             f"allowed: {', '.join(SAMPLER_OPTIONS[sampler])}")
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise ValueError(f"steps must be an int; got {steps!r}")
-        return self.schedule.plan(sampler, steps, **options)
-
     def sample(self, seeds: torch.Tensor, image_shape: tuple[int, ...], sampler: str = "ddim", steps: int = 50,
-               y: torch.Tensor | None = None, guidance: float = 1.0, progress: bool = False,
+               classes: torch.Tensor | None = None, guidance: float = 1.0, progress: bool = False,
                **options) -> torch.Tensor:
         """Samples x_0 (float32, contiguous, on the engine's device; not clamped) for the given seeds,
-        one int64 seed per sample; y: class ids (or None), guidance: classifier-free guidance scale;
-        progress: a per-step bar on the eager path (a captured graph runs as one replay)."""
-        seeds, image_shape, y, guidance = self._check(seeds, image_shape, y, guidance)
-        plan = self.plan(sampler, steps, **options)
+        one int64 seed per sample; classes: one class id per seed (or None); guidance: classifier-free
+        guidance scale; options: schedule.SAMPLER_OPTIONS[sampler]; progress: a per-step bar on the
+        eager path (a captured graph runs as one replay)."""
+        seeds, image_shape, y, guidance = self._check(seeds, image_shape, classes, guidance)
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ValueError(f"steps must be an integer; got {steps!r}")
+        plan = self.schedule.reverse_steps(sampler, steps, **options)
         threads = torch.get_num_threads()
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
@@ -165,23 +147,21 @@ class Engine:
         return list(self._graphs)
 
     # --- internals ----------------------------------------------------------------------------------
-    def _check(self, seeds, image_shape, y, guidance):
-        if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1 or not len(seeds):
-            raise ValueError("seeds must be a non-empty 1-D int64 tensor (one seed per sample), "
-                             f"e.g. fastdiff.sampling.make_seeds(0, n); got {_describe(seeds)}")
+    def _check(self, seeds, image_shape, classes, guidance):
+        ops.check_seeds(seeds)
         image_shape = tuple(int(s) for s in image_shape)
         if not image_shape or any(s < 1 for s in image_shape):
             raise ValueError(f"image_shape must be positive sizes (C, H, W); got {image_shape}")
-        guidance = float(guidance)
-        if not guidance >= 0 or not math.isfinite(guidance):
-            raise ValueError(f"guidance must be a finite number >= 0; got {guidance}")
-        if y is not None:
-            if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dim() != 1 or len(y) != len(seeds):
-                raise ValueError(f"y must be a 1-D integer tensor with one class id per seed ({len(seeds)}); "
-                                 f"got {_describe(y)}")
-            y = y.to(self.device, torch.long)
+        guidance = check_float("guidance", guidance, 0.0)
+        y = None
+        if classes is not None:
+            if (not isinstance(classes, torch.Tensor) or classes.dtype.is_floating_point or classes.dim() != 1
+                    or len(classes) != len(seeds)):
+                raise ValueError(f"classes must be a 1-D integer tensor with one class id per seed ({len(seeds)}); "
+                                 f"got {_describe(classes)}")
+            y = classes.to(self.device, torch.long)
         elif guidance != 1.0:
-            raise ValueError("guidance != 1 needs class ids y (and a class-conditional model)")
+            raise ValueError("guidance != 1 needs class ids (and a class-conditional model)")
         return seeds.to(self.device), image_shape, y, guidance
 
     def _autocast(self):
@@ -195,18 +175,10 @@ class Engine:
 
     def _loop(self, seeds: torch.Tensor, image_shape: tuple[int, ...], plan: list[Step], y: torch.Tensor | None,
               guidance: float, progress: bool = False) -> torch.Tensor:
-        """x_T from the fused op, then model + fused step per plan entry; no host sync."""
-        zeros = torch.zeros((len(seeds), *image_shape), device=self.device).contiguous(
-            memory_format=self._layout(image_shape))
-        x = ops.reverse_step(zeros, zeros, seeds, INITIAL_NOISE_STEP, INITIAL_NOISE_COEFS)
-        for t, coefs in tqdm(plan, desc="sample", disable=not progress, leave=False, dynamic_ncols=True):
-            with self._autocast():
-                m = model_output(self.model, x, t, y, guidance)
-            if self.check_finite and self.device.type == "cpu" and not bool(torch.isfinite(m).all()):
-                raise FloatingPointError(f"the model output holds NaN or inf at timestep {t}; check the weights and "
-                                         "inputs")  # CPU only: on CUDA this would be a host sync per step
-            x = ops.reverse_step(x, m.to(torch.float32), seeds, t, coefs)
-        return x
+        """x_T from the fused op, then the one denoising loop; no host sync on CUDA."""
+        x = initial_noise(seeds, image_shape, memory_format=self._layout(image_shape))
+        return denoise(self.model, x, seeds, plan, y=y, guidance=guidance, autocast=self._autocast,
+                       check_finite=self.check_finite and self.device.type == "cpu", progress=progress)
 
     def _key(self, n, image_shape, sampler, steps, y, guidance, options) -> tuple:
         return (n, image_shape, sampler, steps, tuple(sorted(options.items())), self.dtype, self.channels_last,
@@ -261,3 +233,39 @@ def _describe(v) -> str:
     if isinstance(v, torch.Tensor):
         return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
     return type(v).__name__
+
+
+@torch.inference_mode()
+def generate(model: Model, schedule: NoiseSchedule, image_shape: tuple[int, int, int], n: int, *, seed: int = 0,
+             sampler: str = "ddim", steps: int | None = None, classes: int | Sequence[int] | torch.Tensor | None = None,
+             guidance: float = 1.0, num_classes: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
+             progress: bool = False, engine: bool = True, on_batch=None, **options) -> torch.Tensor | None:
+    """n samples in [-1, 1] as (n, C, H, W) float32 on the CPU; image i uses seed + i.
+
+    steps: default 50 for DDIM, T for DDPM; classes: one id for all images or one per image (needs
+    num_classes); options: schedule.SAMPLER_OPTIONS[sampler]. engine=False runs the plain samplers
+    (`sampling.sample_ddpm/ddim`, the same loop without the engine's graphs and layouts).
+    on_batch(start, images): called with each finished batch instead of keeping it, so any n runs in
+    bounded memory; generate then returns None."""
+    request = SampleRequest.checked(schedule, num_classes, n, sampler=sampler, steps=steps, seed=seed,
+                                    classes=classes, guidance=guidance, **options)
+    device = torch.device(device)
+    runner = Engine(model, schedule, device=device, channels_last=device.type == "cuda") if engine else None
+    out = []
+    batches = list(request.batches(batch_size))
+    for start, count in tqdm(batches, desc=f"{sampler}-{request.steps}", disable=not progress or len(batches) == 1):
+        seeds = make_seeds(request.seed + start, count, device)
+        ids = request.class_ids(start, count)
+        y = None if ids is None else torch.from_numpy(ids).to(device)
+        if runner is not None:
+            x = runner.sample(seeds, image_shape, request.sampler, request.steps, classes=y,
+                              guidance=request.guidance, progress=progress, **request.options)
+        else:
+            x = SAMPLERS[request.sampler](model, initial_noise(seeds, image_shape), seeds, schedule, request.steps,
+                                          y=y, guidance=request.guidance, progress=progress, **request.options)
+        images = x.float().cpu().clamp(-1, 1)
+        if on_batch is None:
+            out.append(images)
+        else:
+            on_batch(start, images)
+    return torch.cat(out) if on_batch is None else None

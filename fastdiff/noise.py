@@ -1,7 +1,7 @@
 """Counter-based Gaussian noise (Philox4x32-10 + a portable Box-Muller), for NumPy and PyTorch.
 
 This is the array twin of csrc/philox.h: the same operations in the same order, so the normals
-are bit-identical to the C++/CUDA kernels (shared design §3). Every function takes NumPy arrays
+are bit-identical to the C++/CUDA kernels (docs/design.md §3). Every function takes NumPy arrays
 or torch tensors and uses only operators plus the tiny adapter below, so this module never
 imports torch itself (the torch-free ONNX runtime imports it with NumPy only).
 
@@ -9,6 +9,7 @@ Integers are uint32 values held in int64 arrays; floats are float32; no fma, no 
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,11 @@ INITIAL_NOISE_STEP = 2**32 - 1  # the step counter of x_T; reverse steps use the
 
 
 # --- adapter: the few calls that differ between NumPy and torch ---------------------------------
+def _torch():
+    """torch, which a tensor argument means is loaded already: this module never imports it."""
+    return sys.modules["torch"]
+
+
 def _is_np(a: Array) -> bool:
     return isinstance(a, (np.ndarray, np.generic))
 
@@ -40,8 +46,7 @@ def _is_np(a: Array) -> bool:
 def where(c: Array, a: Array, b: Array) -> Array:
     if _is_np(c):
         return np.where(c, a, b)
-    import torch
-    return torch.where(c, a, b)
+    return _torch().where(c, a, b)
 
 
 def _sqrt(a: Array) -> Array:
@@ -49,7 +54,7 @@ def _sqrt(a: Array) -> Array:
     times), so torch goes through float64, which rounds back to the correct float32."""
     if _is_np(a):
         return np.sqrt(a)
-    import torch
+    torch = _torch()
     return a.to(torch.float64).sqrt().to(torch.float32)
 
 
@@ -57,7 +62,7 @@ def _to_f32(a: Array) -> Array:
     """Exact integer -> float32 (callers keep values below 2^24)."""
     if _is_np(a):
         return a.astype(np.float32)
-    import torch
+    torch = _torch()
     return a.to(torch.float32)
 
 
@@ -65,7 +70,7 @@ def _f32_bits(a: Array) -> Array:
     """float32 -> its bit pattern as int64 (non-negative floats only)."""
     if _is_np(a):
         return a.view(np.int32).astype(np.int64)
-    import torch
+    torch = _torch()
     return a.view(torch.int32).to(torch.int64)
 
 
@@ -73,7 +78,7 @@ def _bits_f32(a: Array) -> Array:
     """Bit pattern (int64, < 2^31) -> float32."""
     if _is_np(a):
         return a.astype(np.int32).view(np.float32)
-    import torch
+    torch = _torch()
     return a.to(torch.int32).view(torch.float32)
 
 
@@ -172,7 +177,7 @@ def gaussian(seeds: Array, step: int, numel: int) -> Array:
         g = np.arange(groups, dtype=np.int64).reshape(1, -1)
         zeros = np.zeros((1, groups), dtype=np.int64)
     else:
-        import torch
+        torch = _torch()
         seeds = seeds.to(torch.int64).reshape(-1, 1)
         g = torch.arange(groups, dtype=torch.int64, device=seeds.device).reshape(1, -1)
         zeros = torch.zeros((1, groups), dtype=torch.int64, device=seeds.device)
@@ -183,6 +188,6 @@ def gaussian(seeds: Array, step: int, numel: int) -> Array:
     if _is_np(z0):
         z = np.stack([z0, z1, z2, z3], axis=-1)
     else:
-        import torch
+        torch = _torch()
         z = torch.stack([z0, z1, z2, z3], dim=-1)
     return z.reshape(z.shape[0], 4 * groups)[:, :numel]

@@ -4,21 +4,26 @@
     out = k_x0*x0 + k_x*x + k_m*m + sigma*z,   z = fastdiff.noise.gaussian(seeds, step, ·)
 
 If the compiled extension fastdiff._C is missing, the pure-PyTorch reference (same fp32 math, same
-noise bits) is used instead, with one warning; backend() says which is in use.
+noise bits) is used instead, with one warning; backend() says which is in use. Bad arguments raise
+ValueError naming the argument (docs/design.md §4).
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import torch
 
-from . import reference
+from . import noise, reference
 from .schedule import StepCoefs
 
-__all__ = ["reverse_step", "reverse_step_reference", "backend"]
+__all__ = ["reverse_step", "reverse_step_reference", "initial_noise", "check_seeds", "backend"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# reverse_step(0, 0, seeds, INITIAL_NOISE_STEP, INITIAL_NOISE_COEFS) = 1·z: the normals of x_T.
+INITIAL_NOISE_STEP = noise.INITIAL_NOISE_STEP
+INITIAL_NOISE_COEFS = StepCoefs(0.0, 0.0, math.inf, 0.0, 0.0, 0.0, 1.0)
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fastdiff.reverse_step)
@@ -66,29 +71,38 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def check_seeds(seeds: torch.Tensor, n: int | None = None, device: torch.device | None = None) -> None:
+    """seeds: a 1-D int64 tensor with one seed per sample (n of them, on `device`, when given; else at least one)."""
+    if (not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1
+            or (n is None and not len(seeds))):
+        got = f"a {seeds.dtype} tensor of shape {tuple(seeds.shape)}" if isinstance(seeds, torch.Tensor) \
+            else type(seeds).__name__
+        raise ValueError("seeds must be a non-empty 1-D int64 tensor (one seed per sample, e.g. "
+                         f"fastdiff.sampling.make_seeds(0, n)); got {got}")
+    if n is not None and len(seeds) != n:
+        raise ValueError(f"seeds must hold one seed per sample ({n}); got {len(seeds)}")
+    if device is not None and seeds.device != device:
+        raise ValueError(f"seeds must be on x's device {device}; got {seeds.device}")
+
+
 def _validate(x: torch.Tensor, model_output: torch.Tensor, seeds: torch.Tensor, step: int,
               coefs: StepCoefs) -> tuple[torch.Tensor, torch.Tensor, StepCoefs]:
-    for name, t in (("x", x), ("model_output", model_output), ("seeds", seeds)):
+    for name, t in (("x", x), ("model_output", model_output)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if x.dtype not in DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+        raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
     if model_output.dtype != x.dtype:
-        raise TypeError(f"model_output must have x's dtype {x.dtype}; got {model_output.dtype}")
+        raise ValueError(f"model_output must have x's dtype {x.dtype}; got {model_output.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension (dim >= 1); got a 0-d tensor")
     if model_output.shape != x.shape:
         raise ValueError(f"model_output must have x's shape {tuple(x.shape)}; got {tuple(model_output.shape)}")
     if model_output.device != x.device:
         raise ValueError(f"model_output must be on x's device {x.device}; got {model_output.device}")
-    if seeds.dtype != torch.int64:
-        raise TypeError(f"seeds must be an int64 tensor; got {seeds.dtype}")
-    if seeds.dim() != 1 or seeds.shape[0] != x.shape[0]:
-        raise ValueError(f"seeds must be a 1-D tensor with one seed per sample ({x.shape[0]}); got shape {tuple(seeds.shape)}")
-    if seeds.device != x.device:
-        raise ValueError(f"seeds must be on x's device {x.device}; got {seeds.device}")
+    check_seeds(seeds, x.shape[0], x.device)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"step must be an int; got {type(step).__name__}")
+        raise ValueError(f"step must be an int; got {type(step).__name__}")
     if not 0 <= step < 2**32:
         raise ValueError(f"step must be in [0, 2^32); got {step}")
     coefs = StepCoefs(*(float(c) for c in coefs))
@@ -115,6 +129,15 @@ def reverse_step_reference(x: torch.Tensor, model_output: torch.Tensor, seeds: t
     return _reference(x, model_output, seeds, int(step), coefs)
 
 
+def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...],
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """x_T (float32, on the seeds' device) for each sample from its own seed, made by the fused op itself
+    (so a captured CUDA graph draws it too); bit-identical to fastdiff.noise.gaussian(seeds, INITIAL_NOISE_STEP)."""
+    check_seeds(seeds)
+    zeros = torch.zeros((len(seeds), *shape), device=seeds.device).contiguous(memory_format=memory_format)
+    return reverse_step(zeros, zeros, seeds, INITIAL_NOISE_STEP, INITIAL_NOISE_COEFS)
+
+
 def _reference(x: torch.Tensor, m: torch.Tensor, seeds: torch.Tensor, step: int, coefs: StepCoefs) -> torch.Tensor:
-    out = reference.reverse_step(x.float(), m.float(), seeds, step, coefs)
+    out = reference.apply_step(x.float(), m.float(), seeds, step, coefs)
     return out.to(x.dtype).contiguous(memory_format=_memory_format(x))

@@ -20,7 +20,7 @@ def f32(v: float) -> float:
     return float(np.float32(v))
 
 
-def reverse_step(x, m, seeds, step: int, coefs: StepCoefs):
+def apply_step(x, m, seeds, step: int, coefs: StepCoefs):
     """x_prev = k_x0·clamp(a·x + b·m) + k_x·x + k_m·m + σ·z, z the Philox normals of (seed, step, index)."""
     a, b, clip, k_x0, k_x, k_m, sigma = (f32(c) for c in coefs)
     x0 = a * x + b * m

@@ -1,6 +1,6 @@
 """Noise schedules, inference timesteps and the scalars of each reverse step.
 
-Semantics follow diffusers' DDPMScheduler / DDIMScheduler (see shared design §2). Every reverse
+Semantics follow diffusers' DDPMScheduler / DDIMScheduler (docs/design.md §2). Every reverse
 step, whatever the sampler and prediction type, reduces to one per-element formula:
 
     x0  = a*x + b*m              (m: model output; clamped to ±clip_range)
@@ -13,6 +13,7 @@ by the forward-process helpers used in training.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -26,6 +27,15 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 SAMPLERS = ("ddpm", "ddim")
+MAX_TIMESTEPS = 100_000  # T beyond this is a typo, not a model: refused before any table is allocated
+
+# The options each sampler takes, with diffusers' defaults: the one list every entry point checks against.
+SAMPLER_OPTIONS: dict[str, dict[str, object]] = {
+    "ddpm": {"variance_type": "fixed_small", "spacing": "leading", "steps_offset": 0, "clip_sample": True,
+             "clip_sample_range": 1.0},
+    "ddim": {"eta": 0.0, "spacing": "leading", "steps_offset": 0, "clip_sample": True, "clip_sample_range": 1.0,
+             "set_alpha_to_one": True, "use_clipped_model_output": False},
+}
 
 
 class StepCoefs(NamedTuple):
@@ -55,8 +65,13 @@ def make_betas(kind: str, num_train_timesteps: int, beta_start: float = 1e-4, be
     """Betas in float64. 'cosine' is Nichol & Dhariwal's squaredcos_cap_v2; 'quadratic' is diffusers' scaled_linear."""
     _choice("beta_schedule", kind, BETA_SCHEDULES)
     T = num_train_timesteps
-    if T < 2:
-        raise ValueError(f"num_train_timesteps must be >= 2; got {T}")
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or not 2 <= T <= MAX_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps must be an integer in [2, {MAX_TIMESTEPS}]; got {T!r}")
+    for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0 < v < 1:
+            raise ValueError(f"{name} must be a number in (0, 1); got {v!r}")
+    if beta_start > beta_end:
+        raise ValueError(f"beta_start ({beta_start}) must be <= beta_end ({beta_end})")
     if kind == "linear":
         return np.linspace(beta_start, beta_end, T, dtype=np.float64)
     if kind == "quadratic":
@@ -91,8 +106,7 @@ class NoiseSchedule:
 
     # --- forward process -------------------------------------------------------------------------
     def _gather(self, t: "torch.Tensor", like: "torch.Tensor") -> "torch.Tensor":
-        import torch
-
+        torch = sys.modules["torch"]  # a tensor argument means torch is loaded; this module never imports it
         table = torch.from_numpy(self.alphas_cumprod).to(like.device)
         return table[t.long()].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
@@ -137,22 +151,25 @@ class NoiseSchedule:
             return sa, -sb, sb, sa
         return 0.0, 1.0, 1 / sb, -sa / sb
 
-    def plan(
-        self,
-        sampler: str,
-        num_steps: int,
-        *,
-        eta: float = 0.0,
-        spacing: str = "leading",
-        steps_offset: int = 0,
-        clip_sample: bool = True,
-        clip_sample_range: float = 1.0,
-        set_alpha_to_one: bool = True,
-        variance_type: str = "fixed_small",
-        use_clipped_model_output: bool = False,
-    ) -> list[Step]:
-        """Every reverse step of a sampling run with its scalars, in the order they run."""
+    def reverse_steps(self, sampler: str, num_steps: int, **options) -> list[Step]:
+        """Every reverse step of a sampling run with its scalars, in the order they run.
+
+        options: those of SAMPLER_OPTIONS[sampler] (diffusers' names and defaults); any other is refused."""
         _choice("sampler", sampler, SAMPLERS)
+        unknown = sorted(set(options) - set(SAMPLER_OPTIONS[sampler]))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not an option of the {sampler} sampler; it takes "
+                             f"{', '.join(SAMPLER_OPTIONS[sampler])}")
+        o = {**SAMPLER_OPTIONS[sampler], **options}
+        eta, spacing, steps_offset = float(o.get("eta", 0.0)), o["spacing"], o["steps_offset"]
+        clip_sample, clip_sample_range = o["clip_sample"], float(o["clip_sample_range"])
+        variance_type = o.get("variance_type", "fixed_small")
+        set_alpha_to_one, use_clipped_model_output = o.get("set_alpha_to_one", True), o.get("use_clipped_model_output")
+        for name in ("clip_sample", "set_alpha_to_one", "use_clipped_model_output"):
+            if name in o and not isinstance(o[name], (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False; got {o[name]!r}")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be an integer >= 0; got {steps_offset!r}")
         _choice("variance_type", variance_type, VARIANCE_TYPES)
         if not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0; got {eta}")

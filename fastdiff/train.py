@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__, checkpoint
+from .files import atomic_write, write_json
 from .data import ImageData
 from .nn.unet import UNet, UNetConfig
 from .schedule import NoiseSchedule
@@ -192,7 +193,7 @@ def plot_losses(losses: list[float], path: Path) -> None:
     ax.set(xlabel="step", ylabel="MSE", yscale="log", title="training loss")
     ax.legend()
     fig.tight_layout()
-    checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -202,6 +203,6 @@ def summary(losses: list[float]) -> dict:
 
 
 def write_summary(out: Path, losses: list[float], seconds: float) -> None:
-    checkpoint.write_json(Path(out) / "train_summary.json", {**summary(losses), "seconds": round(seconds, 1)})
+    write_json(Path(out) / "train_summary.json", {**summary(losses), "seconds": round(seconds, 1)})
     plot_losses(losses, Path(out) / "loss.png")
 

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from fastdiff import checkpoint
-from fastdiff.cli import BUNDLED
+from fastdiff.checkpoint import BUNDLED_MODEL as BUNDLED
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastdiff.checkpoint import atomic_write, write_json  # noqa: E402
+from fastdiff.files import atomic_write, write_json  # noqa: E402
 from fastdiff.data import load_digits  # noqa: E402
 from fastdiff.metrics import CLASSIFIER, IMAGE_SIZE, DigitsNet  # noqa: E402
 

@@ -29,7 +29,7 @@ def make() -> dict:
             for i in INDICES:
                 bits = int(z[i:i + 1].view(np.uint32)[0])
                 cases.append({"seed": seed, "step": step, "index": i, "bits": f"0x{bits:08x}", "value": float(z[i])})
-    return {"contract": "fastdiff noise: Philox4x32-10 + float32 Box-Muller (shared design §3)", "cases": cases}
+    return {"contract": "fastdiff noise: Philox4x32-10 + float32 Box-Muller (docs/design.md §3)", "cases": cases}
 
 
 if __name__ == "__main__":

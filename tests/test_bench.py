@@ -16,7 +16,13 @@ from conftest import TINY
 
 def test_bench_smoke_writes_results(tmp_path) -> None:
     out = tmp_path / "res"
-    assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # != --threads 1, so a leaked thread count shows
+    try:
+        assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 2, "bench --threads must restore torch's thread count when it returns"
+    finally:
+        torch.set_num_threads(threads)
     result = json.loads((out / "results.json").read_text())
     assert {"cpu", "cpu_cores", "torch", "cuda", "device_name", "date"} <= set(result["machine"])
     sections = {r["section"] for r in result["rows"]}
@@ -40,11 +46,11 @@ def test_eager_step_is_the_fused_mean() -> None:
     """The diffusers-style baseline computes the same update as the fused op (noise aside)."""
     schedule = NoiseSchedule()
     t, prev, coefs = bench.step_coefs_example(schedule)
-    table = bench._alpha_table(schedule)
+    table = bench.alpha_table(schedule)
     g = torch.Generator().manual_seed(0)
     x, m = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
     want = bench.diffusers_ddim_step(m, x, table[t], table[prev], eta=0.0)
-    plan0 = dict(zip(*zip(*schedule.plan("ddim", 50, eta=0.0))))
+    plan0 = dict(zip(*zip(*schedule.reverse_steps("ddim", 50, eta=0.0))))
     got = ops.reverse_step(x, m, torch.arange(2), t, plan0[t])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert coefs.sigma > 0  # the timed step draws noise

@@ -17,9 +17,9 @@ from fastdiff.cli import main
 from fastdiff.data import load_digits
 from fastdiff.export.onnx import export_model, export_onnx
 from fastdiff.export.quantize import quantize
-from fastdiff.export.runtime import OnnxSampler, reverse_step
+from fastdiff.export.runtime import OnnxSampler, step
 from fastdiff.nn.unet import UNet, preset
-from fastdiff.sampling import generate
+from fastdiff.engine import generate
 from fastdiff.schedule import NoiseSchedule, StepCoefs
 from fastdiff.train import TrainConfig, Trainer
 
@@ -124,7 +124,7 @@ def test_reverse_step_is_the_kernel_math():
     seeds = torch.tensor([5, 6, -7])
     for coefs in (StepCoefs(1.3, -0.7, 1.0, 0.4, 0.3, 0.2, 0.15), StepCoefs(0.9, 0.1, float("inf"), 0.5, 0.5, 0.0, 0.0)):
         ref = ops.reverse_step_reference(x, m, seeds, 42, coefs).numpy()
-        got = reverse_step(x.numpy(), m.numpy(), seeds.numpy(), 42, coefs)
+        got = step(x.numpy(), m.numpy(), seeds.numpy(), 42, coefs)
         np.testing.assert_array_equal(got, ref)  # bit for bit, NaN included
 
 
@@ -132,8 +132,8 @@ CASES = [
     ("uncond", dict(sampler="ddim", steps=5)),
     ("uncond", dict(sampler="ddim", steps=5, eta=1.0, spacing="trailing")),
     ("uncond", dict(sampler="ddpm", steps=4, variance_type="fixed_large")),
-    ("cond", dict(sampler="ddim", steps=4, cls=3, guidance=2.5, eta=0.5)),
-    ("cond", dict(sampler="ddpm", steps=3, cls=[0, 1, 9, -1, 4], guidance=3.0, clip_sample=False)),
+    ("cond", dict(sampler="ddim", steps=4, classes=3, guidance=2.5, eta=0.5)),
+    ("cond", dict(sampler="ddpm", steps=3, classes=[0, 1, 9, -1, 4], guidance=3.0, clip_sample=False)),
 ]
 
 
@@ -142,9 +142,7 @@ def test_sample_matches_pytorch_generate(exported, kind, kw):
     run, path = exported[kind]
     model, schedule, _ = load_model(run)
     got = OnnxSampler(path).sample(5, seed=11, batch_size=2, **kw)
-    cls = kw.pop("cls", None)
-    ref = generate(model, schedule, (1, 8, 8), 5, seed=11, classes=torch.tensor(cls) if isinstance(cls, list) else cls,
-                   num_classes=model.config.num_classes, **kw).numpy()
+    ref = generate(model, schedule, (1, 8, 8), 5, seed=11, num_classes=model.config.num_classes, **kw).numpy()
     assert got.dtype == np.float32 and got.shape == (5, 1, 8, 8)
     assert np.abs(got - ref).max() <= 1e-4
 
@@ -152,11 +150,11 @@ def test_sample_matches_pytorch_generate(exported, kind, kw):
 def test_sample_argument_errors(exported):
     uncond, cond = OnnxSampler(exported["uncond"][1]), OnnxSampler(exported["cond"][1])
     with pytest.raises(ValueError, match="unconditional"):
-        uncond.sample(2, steps=2, cls=1)
+        uncond.sample(2, steps=2, classes=1)
     with pytest.raises(ValueError, match="guidance"):
         cond.sample(2, steps=2, guidance=2.0)
-    with pytest.raises(ValueError, match="class ids"):
-        cond.sample(2, steps=2, cls=10)
+    with pytest.raises(ValueError, match="class id"):
+        cond.sample(2, steps=2, classes=10)
     with pytest.raises(ValueError, match="steps"):
         uncond.sample(2, steps=T + 1)
     with pytest.raises(ValueError, match="sampler"):
@@ -268,7 +266,7 @@ def test_predict_checks_inputs(exported):
         runner.predict(x, np.array([1, 2, 3]))
     with pytest.raises(ValueError, match=r"t must be in \[0, 99\]"):
         runner.predict(x, np.array([0, T]))
-    with pytest.raises(ValueError, match="class ids"):
+    with pytest.raises(ValueError, match="class id"):
         runner.predict(x, t, np.array([0, 10]))
 
 

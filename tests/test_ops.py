@@ -15,6 +15,12 @@ from fastdiff.schedule import NoiseSchedule, StepCoefs
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_ext = pytest.mark.skipif(ops.backend() != "extension", reason="fastdiff._C not built")
+# Tests that hold the kernels to the PyTorch reference: without the extension, ops.reverse_step IS the
+# reference, and they would compare it with itself (make test sets FASTDIFF_REQUIRE_EXTENSION=1,
+# which fails the run instead; see tests/conftest.py).
+vs_reference = pytest.mark.skipif(
+    ops.backend() != "extension",
+    reason="compares fastdiff._C with the PyTorch reference, but fastdiff._C is not built (the op is the reference)")
 ROOT = Path(__file__).parents[1]
 
 DDIM = StepCoefs(a=1.6, b=-1.2, clip_range=1.0, k_x0=0.8, k_x=0.0, k_m=0.45, sigma=0.3)
@@ -55,6 +61,17 @@ SHAPES = [(3, 3, 7, 5), (1, 1), (5,), (2, 4, 8, 8), (2, 1027), (4, 3, 16, 16)]
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", list(COEFS))
+def test_fp32_matches_float64_truth(shape, kind) -> None:
+    x, m, seeds = _inputs(shape)
+    c = COEFS[kind]
+    out = ops.reverse_step(x, m, seeds, 7, c)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert _rel_err(out, _truth64(x, m, seeds, 7, c)) <= 1e-6
+
+
+@vs_reference
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", list(COEFS))
 def test_fp32_matches_reference(shape, kind) -> None:
     x, m, seeds = _inputs(shape)
     c = COEFS[kind]
@@ -62,9 +79,9 @@ def test_fp32_matches_reference(shape, kind) -> None:
     ref = ops.reverse_step_reference(x, m, seeds, 7, c)
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert _rel_err(out, ref) <= 1e-6
-    assert _rel_err(out, _truth64(x, m, seeds, 7, c)) <= 1e-6
 
 
+@vs_reference
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 3, 7, 5), (4, 3, 16, 16), (2, 1027)])
 def test_low_precision(dtype, shape) -> None:
@@ -90,17 +107,65 @@ def test_non_contiguous_inputs() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 4, 8, 8), (2, 1, 3, 3)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 4, 8, 8), (2, 2, 3, 1)])  # C > 1, H*W > 1: layouts differ
 def test_channels_last_same_as_contiguous(dtype, shape) -> None:
     x, m, seeds = _inputs(shape, dtype)
     want = ops.reverse_step(x, m, seeds, 9, DDIM)
+    assert want.is_contiguous() and not want.is_contiguous(memory_format=torch.channels_last)
     xc = x.to(memory_format=torch.channels_last)
     for mm in (m.to(memory_format=torch.channels_last), m):  # model_output follows x's layout
         out = ops.reverse_step(xc, mm, seeds, 9, DDIM)
-        assert out.is_contiguous(memory_format=torch.channels_last) or out.is_contiguous()
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
         assert torch.equal(out.contiguous(), want)
     ref = ops.reverse_step_reference(xc, m, seeds, 9, DDIM)
     assert torch.equal(ref.contiguous(), want)
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+# (name, x from a contiguous (2, 3, 5, 7) tensor, m likewise, the layout the op promises for out)
+LAYOUTS = [
+    ("contiguous", lambda t: t, lambda t: t, "contiguous"),
+    ("channels_last", _cl, _cl, "channels_last"),
+    ("x channels_last, m contiguous", _cl, lambda t: t, "channels_last"),
+    ("x contiguous, m channels_last", lambda t: t, _cl, "contiguous"),
+    ("dense, neither layout", lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+     lambda t: t.transpose(2, 3).contiguous().transpose(2, 3), "contiguous"),
+    ("strided view", lambda t: torch.stack([t, t], -1).flatten(-2)[..., ::2], lambda t: t, "contiguous"),
+    ("channels_last strided view", lambda t: _cl(torch.stack([t, t], 3).flatten(2, 3))[:, :, ::2], _cl,
+     "contiguous"),
+]
+
+
+@pytest.mark.parametrize("fn", ["reverse_step", "reverse_step_reference"])
+@pytest.mark.parametrize("name, make_x, make_m, want", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_output_layout(fn, name, make_x, make_m, want) -> None:
+    """out's layout: contiguous x -> contiguous; channels_last x -> channels_last; any other x -> contiguous."""
+    x, m, seeds = _inputs((2, 3, 5, 7))
+    xs, ms = make_x(x), make_m(m)
+    assert torch.equal(xs, x) and torch.equal(ms, m)
+    out = getattr(ops, fn)(xs, ms, seeds, 4, DDIM)
+    assert out.is_contiguous() == (want == "contiguous"), (out.stride(), want)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (want == "channels_last"), (out.stride(), want)
+    assert torch.equal(out, getattr(ops, fn)(x, m, seeds, 4, DDIM))
+
+
+@pytest.mark.parametrize("fn", ["reverse_step", "reverse_step_reference"])
+def test_output_layout_ambiguous_and_other_ranks(fn) -> None:
+    """C == 1 (channels_last strides are also contiguous) and 2-D / 3-D / 5-D tensors come out contiguous,
+    except a channels_last_3d 5-D x, which stays channels_last_3d."""
+    f = getattr(ops, fn)
+    x, m, seeds = _inputs((2, 1, 3, 3))
+    assert f(_cl(x), _cl(m), seeds, 4, DDIM).is_contiguous()
+    for shape in [(2, 7), (2, 3, 5), (2, 3, 4, 5, 6)]:
+        x, m, seeds = _inputs(shape)
+        assert f(x, m, seeds, 4, DDIM).is_contiguous()
+        assert f(x.transpose(1, -1), m.transpose(1, -1), seeds, 4, DDIM).is_contiguous()
+    cl3 = torch.channels_last_3d
+    out = f(x.contiguous(memory_format=cl3), m.contiguous(memory_format=cl3), seeds, 4, DDIM)
+    assert out.is_contiguous(memory_format=cl3) and not out.is_contiguous()
 
 
 def test_channels_last_3d() -> None:
@@ -158,12 +223,78 @@ def test_batch_invariance() -> None:
     assert torch.equal(ops.reverse_step(x[perm], m[perm], seeds[perm], 4, DDIM), full[perm])
 
 
+# --- the CPU kernel's parallel split ---------------------------------------------------------------
+# csrc/ops.cpp, contiguous path: at::parallel_for over batch * G Philox groups (G = ceil(N / 4) per
+# sample, N elements per sample) with grain 1024 groups; a chunk walks blocks of <= 64 groups that
+# stop at the sample's end and at the chunk's end. Channels-last path: parallel_for over
+# batch * ceil(S / block) blocks of block = max(1, 256 // C) spatial positions, grain 4.
+# With 2 threads a range of R >= 2 * grain items is cut at ceil(R / 2): for the shapes below that
+# cut falls inside a sample and inside a 64-group block, and N % 4 != 0 (a partial last group).
+GRAIN_GROUPS = 1024
+CHUNK_SHAPES = [(3, 4003), (3, 5, 29, 31), (3, 2, 45, 47)]
+
+
+def _two_thread_chunks(shape) -> list[tuple[int, int]]:
+    """The (sample, group) where each chunk of the contiguous kernel starts, as at::parallel_for with
+    2 threads cuts batch * G groups (OpenMP and native backends alike: ceil(R / 2) items per chunk)."""
+    n = math.prod(shape[1:])
+    groups = (n + 3) // 4
+    total = shape[0] * groups
+    chunk = -(-total // 2)
+    return [divmod(start, groups) for start in range(0, total, chunk)]
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.get_num_threads() == 2
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_chunk_shapes_split_mid_sample() -> None:
+    """Guards CHUNK_SHAPES: more than 2 grains of work, N % 4 != 0, a chunk starting mid-sample and mid-block."""
+    for shape in CHUNK_SHAPES:
+        n = math.prod(shape[1:])
+        groups = (n + 3) // 4
+        assert shape[0] * groups > 2 * GRAIN_GROUPS and n % 4 and groups % 64, shape
+        starts = _two_thread_chunks(shape)
+        assert len(starts) == 2 and starts[1][1] != 0 and starts[1][1] % 64, (shape, starts)
+
+
+@vs_reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, layout", [(s, "contiguous") for s in CHUNK_SHAPES]
+                         + [(s, "channels_last") for s in CHUNK_SHAPES if len(s) == 4])
+@pytest.mark.parametrize("kind", ["ddim", "nonoise"])
+def test_cpu_chunks_mid_sample(two_threads, shape, layout, dtype, kind) -> None:
+    """Chunks of the CPU kernel that start inside a sample: bit-identical to the reference, and each sample
+    computed alone (one chunk, or a different cut) equals its row of the batch."""
+    c = COEFS[kind]
+    x, m, seeds = _inputs(shape, dtype, seed=11)
+    if layout == "channels_last":
+        x, m = _cl(x), _cl(m)
+    out = ops.reverse_step(x, m, seeds, 123, c)
+    ref = ops.reverse_step_reference(x, m, seeds, 123, c)
+    assert out.dtype == dtype and out.stride() == x.stride()
+    assert torch.equal(out, ref), f"max |out - ref| = {(out.float() - ref.float()).abs().max().item()}"
+    for b in range(shape[0]):
+        alone = ops.reverse_step(x[b:b + 1], m[b:b + 1], seeds[b:b + 1], 123, c)
+        assert torch.equal(alone[0], out[b]), f"sample {b} differs alone vs in the batch"
+    perm = torch.tensor([2, 0, 1])
+    assert torch.equal(ops.reverse_step(x[perm], m[perm], seeds[perm], 123, c), out[perm])
+
+
+@vs_reference
 def test_schedule_plan_roundtrip() -> None:
     """A whole DDIM run (eta=1, clip) through the op agrees with the reference every step."""
     sched = NoiseSchedule(num_train_timesteps=100)
     x, _, seeds = _inputs((2, 3, 8, 8))
     xr = x.clone()
-    for i, st in enumerate(sched.plan("ddim", 10, eta=1.0)):
+    for i, st in enumerate(sched.reverse_steps("ddim", 10, eta=1.0)):
         m = torch.tanh(x)  # a stand-in model
         x = ops.reverse_step(x, m, seeds, i, st.coefs)
         xr = ops.reverse_step_reference(xr, torch.tanh(xr), seeds, i, st.coefs)
@@ -175,27 +306,27 @@ def test_bad_inputs() -> None:
     x, m, seeds = _inputs((2, 3, 4))
     with pytest.raises(ValueError, match="model_output"):
         ops.reverse_step(x, m[:, :2], seeds, 0, DDIM)
-    with pytest.raises(TypeError, match="model_output"):
+    with pytest.raises(ValueError, match="model_output"):
         ops.reverse_step(x, m.half(), seeds, 0, DDIM)
-    with pytest.raises(TypeError, match="x must be"):
+    with pytest.raises(ValueError, match="x must be"):
         ops.reverse_step(x.long(), m.long(), seeds, 0, DDIM)
-    with pytest.raises(TypeError, match="x must be"):
+    with pytest.raises(ValueError, match="x must be"):
         ops.reverse_step(x.double(), m.double(), seeds, 0, DDIM)
     with pytest.raises(ValueError, match="seeds"):
         ops.reverse_step(x, m, seeds[:1], 0, DDIM)
     with pytest.raises(ValueError, match="seeds"):
         ops.reverse_step(x, m, seeds.view(2, 1), 0, DDIM)
-    with pytest.raises(TypeError, match="seeds"):
+    with pytest.raises(ValueError, match="seeds"):
         ops.reverse_step(x, m, seeds.int(), 0, DDIM)
     with pytest.raises(ValueError, match="step"):
         ops.reverse_step(x, m, seeds, -1, DDIM)
     with pytest.raises(ValueError, match="step"):
         ops.reverse_step(x, m, seeds, 2**32, DDIM)
-    with pytest.raises(TypeError, match="step"):
+    with pytest.raises(ValueError, match="step"):
         ops.reverse_step(x, m, seeds, 1.5, DDIM)
     with pytest.raises(ValueError, match="x must have a batch"):
         ops.reverse_step(x[0, 0, 0], m[0, 0, 0], seeds, 0, DDIM)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(ValueError, match="x must be a torch.Tensor"):
         ops.reverse_step(x.numpy(), m, seeds, 0, DDIM)
 
 

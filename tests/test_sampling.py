@@ -3,7 +3,8 @@ import torch
 
 from fastdiff import ops
 from fastdiff.nn.unet import UNet
-from fastdiff.sampling import generate, initial_noise, make_seeds, model_output, sample_ddim, sample_ddpm
+from fastdiff.engine import generate
+from fastdiff.sampling import guided_output, initial_noise, make_seeds, sample_ddim, sample_ddpm
 from fastdiff.schedule import NoiseSchedule
 
 from conftest import TINY
@@ -73,8 +74,8 @@ def test_classifier_free_guidance_combines_outputs():
         return torch.where((y >= 0)[:, None], 2.0, 1.0) * torch.ones_like(x)
 
     x, y = torch.zeros(3, 2), torch.tensor([1, 2, 3])
-    assert torch.equal(model_output(model, x, 5, y, 3.0), torch.full_like(x, 1 + 3 * (2 - 1)))
-    assert torch.equal(model_output(model, x, 5, y, 1.0), torch.full_like(x, 2.0))
+    assert torch.equal(guided_output(model, x, 5, y, 3.0), torch.full_like(x, 1 + 3 * (2 - 1)))
+    assert torch.equal(guided_output(model, x, 5, y, 1.0), torch.full_like(x, 2.0))
 
 
 def test_guided_sampling_runs_on_a_class_conditional_model():
@@ -92,7 +93,7 @@ def test_nan_from_the_model_is_reported():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(n=0), "n "), (dict(guidance=2.0), "guidance needs class labels"),
+    (dict(n=0), "n "), (dict(guidance=2.0), "guidance != 1 needs class ids"),
     (dict(classes=3), "unconditional"), (dict(sampler="plms"), "sampler"), (dict(steps=0), "steps"),
     (dict(steps=5000), "steps"), (dict(eta=-1.0), "eta")])
 def test_bad_requests(tiny_model, kwargs, match):
@@ -103,5 +104,5 @@ def test_bad_requests(tiny_model, kwargs, match):
 
 def test_class_ids_out_of_range():
     model = UNet(TINY.__class__(**{**TINY.to_dict(), "num_classes": 10})).eval()
-    with pytest.raises(ValueError, match="class ids"):
+    with pytest.raises(ValueError, match="class id"):
         generate(model, NoiseSchedule(), SHAPE, 2, classes=10, num_classes=10, steps=5)

@@ -92,7 +92,7 @@ def test_ddim_step_matches_diffusers(prediction, eta, clip, clipped_eps, spacing
                                     set_alpha_to_one=spacing != "linspace")
     sched.set_timesteps(steps)
     float64_tables(sched)
-    plan = NoiseSchedule(prediction_type=prediction).plan(
+    plan = NoiseSchedule(prediction_type=prediction).reverse_steps(
         "ddim", steps, eta=eta, spacing=spacing, clip_sample=clip, set_alpha_to_one=spacing != "linspace",
         use_clipped_model_output=clipped_eps)
     assert [s.t for s in plan] == sched.timesteps.tolist()
@@ -109,7 +109,7 @@ def test_ddpm_step_matches_diffusers(prediction, variance, steps):
     sched = diffusers.DDPMScheduler(prediction_type=prediction, variance_type=variance)
     sched.set_timesteps(steps)
     float64_tables(sched)
-    plan = NoiseSchedule(prediction_type=prediction).plan("ddpm", steps, variance_type=variance)
+    plan = NoiseSchedule(prediction_type=prediction).reverse_steps("ddpm", steps, variance_type=variance)
     assert [s.t for s in plan] == sched.timesteps.tolist()
     for step in plan[:3] + plan[-3:]:
         x, m = torch.randn(2, 1, 6, 6), torch.randn(2, 1, 6, 6)
@@ -133,7 +133,7 @@ def test_ddpm_step_matches_diffusers(prediction, variance, steps):
 ])
 def test_bad_plans(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        NoiseSchedule().plan(**kwargs)
+        NoiseSchedule().reverse_steps(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs,match", [

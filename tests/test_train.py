@@ -1,6 +1,7 @@
 import pytest
 
 from fastdiff import checkpoint
+from fastdiff.files import write_json
 from fastdiff.data import load_digits
 from fastdiff.schedule import NoiseSchedule
 from fastdiff.train import TrainConfig, Trainer
@@ -75,7 +76,7 @@ def test_config_not_matching_weights(tmp_path):
     make(tmp_path, 1).fit(progress=False)
     config = checkpoint.json.loads((tmp_path / checkpoint.CONFIG).read_text())
     config["model"]["num_res_blocks"] = 2
-    checkpoint.write_json(tmp_path / checkpoint.CONFIG, config)
+    write_json(tmp_path / checkpoint.CONFIG, config)
     with pytest.raises(ValueError, match="does not match the weights"):
         checkpoint.load_model(tmp_path)
 

@@ -23,10 +23,11 @@ import onnx
 import torch
 
 from .. import __version__
-from ..checkpoint import atomic_write, load_model
+from ..checkpoint import load_model
+from ..files import atomic_write
 from ..nn.unet import UNet
 from ..schedule import NoiseSchedule
-from .runtime import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_MODEL, KEY_PRECISION,
+from .metadata import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_MODEL, KEY_PRECISION,
                       KEY_SCHEDULE, KEY_SHAPE, KEY_VERSION)
 
 MIN_OPSET = 17

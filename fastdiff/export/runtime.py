@@ -2,12 +2,11 @@
 
 The reverse step is the fused kernel's float32 math in the kernel's order (fastdiff.ops), the noise
 is the Philox contract of fastdiff.noise with the same per-sample seeds, and the schedule comes
-from the file's metadata: a seed gives the same images as ``fastdiff.sampling.generate``.
+from the file's metadata: a seed gives the same images as ``fastdiff.engine.generate``.
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,22 +15,19 @@ import numpy as np
 import onnxruntime as ort
 
 from .. import noise, reference
-from ..schedule import SAMPLERS, NoiseSchedule, StepCoefs
+from ..request import SampleRequest, check_int
+from ..schedule import NoiseSchedule, StepCoefs
+from .metadata import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_PRECISION,
+                       KEY_SCHEDULE, KEY_SHAPE, KEY_VERSION, REQUIRED_KEYS)
 
-__all__ = ["OnnxSampler", "reverse_step", "FORMAT", "INITIAL_NOISE_STEP"]
+__all__ = ["OnnxSampler", "step"]
 
-INITIAL_NOISE_STEP = noise.INITIAL_NOISE_STEP
-FORMAT, FORMAT_VERSION = "fastdiff-denoiser", "1"
-KEY_FORMAT, KEY_FORMAT_VERSION, KEY_VERSION = "fastdiff.format", "fastdiff.format_version", "fastdiff.version"
-KEY_SCHEDULE, KEY_SHAPE, KEY_CLASSES = "fastdiff.schedule", "fastdiff.image_shape", "fastdiff.num_classes"
-KEY_PRECISION, KEY_MODEL = "fastdiff.precision", "fastdiff.model_config"
-REQUIRED_KEYS = (KEY_FORMAT_VERSION, KEY_VERSION, KEY_SCHEDULE, KEY_SHAPE, KEY_CLASSES)
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def reverse_step(x: np.ndarray, m: np.ndarray, seeds: np.ndarray, t: int, coefs: StepCoefs) -> np.ndarray:
+def step(x: np.ndarray, m: np.ndarray, seeds: np.ndarray, t: int, coefs: StepCoefs) -> np.ndarray:
     """One reverse step in float32, operation for operation as the fused kernel (fastdiff.ops)."""
-    return reference.reverse_step(x, m, seeds, t, coefs).astype(np.float32, copy=False)
+    return reference.apply_step(x, m, seeds, t, coefs).astype(np.float32, copy=False)
 
 
 def default_providers() -> list[str]:
@@ -159,60 +155,33 @@ class OnnxSampler:
         m_cond, m_uncond = both[:len(x)], both[len(x):]
         return m_uncond + np.float32(guidance) * (m_cond - m_uncond)
 
-    # --- sampling --------------------------------------------------------------------------------
-    def _classes(self, n: int, cls, guidance: float) -> np.ndarray | None:
-        if not (guidance >= 0 and math.isfinite(guidance)):
-            raise ValueError(f"guidance must be a finite number >= 0; got {guidance}")
-        if cls is None:
-            if guidance != 1.0:
-                raise ValueError("guidance needs class labels (cls) and a class-conditional model")
-            return None
-        if not self.num_classes:
-            raise ValueError("cls (class labels) was given but the model is unconditional")
-        y = np.full((n,), cls, dtype=np.int64) if np.ndim(cls) == 0 else np.asarray(cls)
-        if y.dtype.kind not in "iu" or y.shape != (n,):
-            raise ValueError(f"cls must be an int or {n} integer class ids; got {y.dtype} {y.shape}")
-        if y.min() < -1 or y.max() >= self.num_classes:
-            raise ValueError(f"cls must hold class ids in [0, {self.num_classes - 1}] (or -1 for unconditional)")
-        return y.astype(np.int64)
+    # --- sampling: the NumPy twin of fastdiff.sampling.denoise (held equal by tests/test_export.py) ----------
+    def sample(self, n: int, *, sampler: str = "ddim", steps: int | None = None, seed: int = 0, classes=None,
+               guidance: float = 1.0, batch_size: int = 64, progress: bool = False, on_batch=None,
+               **options) -> np.ndarray | None:
+        """n images (n, C, H, W) float32 in [-1, 1]; image i uses seed + i (as fastdiff.engine.generate).
 
-    def sample(self, n: int, *, sampler: str = "ddim", steps: int = 50, seed: int = 0, cls=None,
-               guidance: float = 1.0, eta: float = 0.0, spacing: str = "leading", clip_sample: bool = True,
-               variance_type: str = "fixed_small", batch_size: int = 64, progress: bool = False,
-               **options) -> np.ndarray:
-        """n images (n, C, H, W) float32 in [-1, 1]; image i uses seed + i (as fastdiff.sampling.generate).
-
-        options: steps_offset, clip_sample_range; for ddim also set_alpha_to_one, use_clipped_model_output.
-        """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n (number of samples) must be an integer >= 1; got {n!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
-        if sampler == "ddpm" and eta != 0:
-            raise ValueError("eta applies to sampler='ddim' only")
-        y_all = self._classes(n, cls, guidance)
-        if sampler == "ddim":
-            if variance_type != "fixed_small":
-                raise ValueError("variance_type applies to sampler='ddpm' only")
-            plan = self.schedule.plan("ddim", steps, eta=eta, spacing=spacing, clip_sample=clip_sample, **options)
-        else:
-            plan = self.schedule.plan("ddpm", steps, variance_type=variance_type, spacing=spacing,
-                                      clip_sample=clip_sample, **options)
+        classes: one class id for all images or one per image; options: schedule.SAMPLER_OPTIONS[sampler];
+        on_batch(start, images): called with each finished batch instead of keeping it (returns None)."""
+        request = SampleRequest.checked(self.schedule, self.num_classes, n, sampler=sampler, steps=steps, seed=seed,
+                                        classes=classes, guidance=guidance, **options)
+        check_int("batch_size", batch_size, 1)
         numel = int(np.prod(self.image_shape))
         out = []
-        for start in range(0, n, batch_size):
-            seeds = np.arange(min(batch_size, n - start), dtype=np.int64) + np.int64(seed + start)
-            x = noise.gaussian(seeds, INITIAL_NOISE_STEP, numel).reshape(len(seeds), *self.image_shape)
-            y = y_all[start:start + len(seeds)] if y_all is not None else None
-            for k, (t, coefs) in enumerate(plan):
-                m = self._model_output(x, t, y, guidance)
+        for start, count in request.batches(batch_size):
+            seeds = request.seeds(start, count)
+            x = noise.gaussian(seeds, noise.INITIAL_NOISE_STEP, numel).reshape(count, *self.image_shape)
+            y = request.class_ids(start, count)
+            for k, (t, coefs) in enumerate(request.reverse_steps):
+                m = self._model_output(x, t, y, request.guidance)
                 if not np.isfinite(m).all():
                     raise FloatingPointError(f"the model output holds NaN or inf at timestep {t}; "
                                              "check the weights and inputs")
-                x = reverse_step(x, m, seeds, t, coefs)
+                x = step(x, m, seeds, t, coefs)
                 if progress:
-                    _progress(k + 1, len(plan), f"{sampler}-{steps} [{start + len(seeds)}/{n}]")
-            out.append(x)
-        return np.clip(np.concatenate(out), -1, 1)
+                    _progress(k + 1, len(request.reverse_steps), f"{sampler}-{request.steps} [{start + count}/{n}]")
+            if on_batch is None:
+                out.append(np.clip(x, -1, 1))
+            else:
+                on_batch(start, np.clip(x, -1, 1))
+        return np.concatenate(out) if on_batch is None else None

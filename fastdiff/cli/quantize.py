@@ -1,4 +1,4 @@
-"""`fastdiff export` and `fastdiff quantize` (registered by fastdiff.cli)."""
+"""`fastdiff quantize`: INT8 an exported ONNX model and write a report."""
 from __future__ import annotations
 
 import argparse
@@ -6,15 +6,6 @@ from pathlib import Path
 
 
 def add(sub) -> None:
-    p = sub.add_parser("export", help="export a checkpoint's EMA denoiser to ONNX",
-                       description="Export the EMA denoiser to one ONNX file (dynamic batch, fastdiff metadata).")
-    p.add_argument("--ckpt", type=Path, required=True, help="run folder or checkpoint.safetensors file")
-    p.add_argument("--out", type=Path, required=True, help="ONNX file to write (e.g. model.onnx)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: 17)")
-    p.add_argument("--fp16", action="store_true", help="fp16 weights and activations with float32 inputs/outputs "
-                   "(for GPUs)")
-    p.set_defaults(run=run_export)
-
     q = sub.add_parser("quantize", help="INT8-quantize an exported ONNX model and write a report",
                        description="Static INT8 (QDQ, per-channel weights) with timestep-aware calibration, or "
                                    "dynamic INT8; writes <out>.report.json and <out>.report.md.")
@@ -28,19 +19,11 @@ def add(sub) -> None:
                    "(default: digits)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration / evaluation draws (default: 0)")
     q.add_argument("--repeats", type=int, default=20, help="timed runs per latency figure (default: 20)")
-    q.set_defaults(run=run_quantize)
+    q.set_defaults(run=run)
 
 
-def run_export(a: argparse.Namespace) -> None:
-    from .onnx import export_onnx
-
-    out = export_onnx(a.ckpt, a.out, opset=a.opset, fp16=a.fp16)
-    print(f"exported {a.ckpt} → {out} ({out.stat().st_size / 1e6:.2f} MB, opset {a.opset}, "
-          f"{'fp16' if a.fp16 else 'fp32'})")
-
-
-def run_quantize(a: argparse.Namespace) -> None:
-    from .quantize import quantize
+def run(a: argparse.Namespace) -> None:
+    from ..export.quantize import quantize
 
     if not a.onnx.is_file():
         raise FileNotFoundError(f"--onnx {a.onnx}: no such file")

@@ -1,10 +1,8 @@
-"""`fastdiff eval`: FID / KID vs sampling steps in the shape of the DDIM paper's Table 1 (rows η, columns S),
+"""The quality table behind `fastdiff eval`: FID / KID vs sampling steps in the shape of the DDIM paper's Table 1 (rows η, columns S),
 with DDPM beside it and, when given, the exported ONNX FP32 and INT8 models beside the PyTorch ones."""
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -13,48 +11,7 @@ QUICK_STEPS, QUICK_ETAS, QUICK_DDPM_STEPS, QUICK_N = [10, 20], [0.0, 1.0], [20],
 ONNX_STEPS, ONNX_ETA = 50, 0.0
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def add(sub) -> None:
-    p = sub.add_parser("eval", help="FID / KID table vs steps and eta (DDIM paper Table 1 shape)",
-                       description="Sample with DDIM (every S x eta), DDPM and optionally ONNX FP32/INT8 models; score "
-                                   "each row by FID / KID against held-out real digits in the feature space of the "
-                                   "shipped digits classifier. Writes results.json, results.md, fid_vs_steps.png and "
-                                   "a grid PNG per row.")
-    p.add_argument("--ckpt", type=Path, help="run folder or checkpoint file (default: the bundled digits model)")
-    p.add_argument("--out", type=Path, default=Path("eval"), help="output folder (default: eval)")
-    p.add_argument("--n", type=int, help=f"samples per row (default: {N}; {QUICK_N} with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"CI size: n={QUICK_N}, S in {QUICK_STEPS}, eta in {QUICK_ETAS}, DDPM-{QUICK_DDPM_STEPS[0]}")
-    p.add_argument("--steps", type=_ints, help=f"DDIM steps S, comma-separated (default: {','.join(map(str, STEPS))})")
-    p.add_argument("--etas", type=_floats, help=f"DDIM etas, comma-separated (default: {','.join(map(str, ETAS))})")
-    p.add_argument("--ddpm-steps", type=_ints, help="DDPM steps, comma-separated; '' for none (default: 1000)")
-    p.add_argument("--onnx", type=Path, help=f"also score this exported FP32 ONNX model (DDIM-{ONNX_STEPS}, eta 0)")
-    p.add_argument("--onnx-int8", type=Path, help=f"also score this INT8 ONNX model (DDIM-{ONNX_STEPS}, eta 0)")
-    p.add_argument("--clipped-eps", action="store_true",
-                   help="DDIM rows re-derive ε from the clipped x0 (diffusers' use_clipped_model_output)")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i in every row (default: 0)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch during the run (default: torch's choice; 1 is "
-                   "much faster when other jobs share the cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run_eval)
-
-
-def plan(a: argparse.Namespace, timesteps: int) -> list[dict]:
+def table_rows(a: argparse.Namespace, timesteps: int) -> list[dict]:
     """The rows to run: DDIM for every eta x S, then DDPM for every S."""
     steps = a.steps if a.steps is not None else (QUICK_STEPS if a.quick else STEPS)
     etas = a.etas if a.etas is not None else (QUICK_ETAS if a.quick else ETAS)
@@ -83,40 +40,18 @@ def open_onnx(path: Path, flag: str):
         raise ValueError(f"{flag} {path}: not a readable fastdiff ONNX model ({type(e).__name__}: {e})") from None
 
 
-def machine(device) -> dict:
-    import torch
-
-    from .bench import cpu_model
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-
-
-def run_eval(a: argparse.Namespace) -> None:
-    import torch
-
-    if a.threads is not None and a.threads < 1:
-        raise ValueError(f"--threads must be >= 1; got {a.threads}")
-    threads = torch.get_num_threads()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    try:
-        evaluate_all(a)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def evaluate_all(a: argparse.Namespace) -> None:
     """Sample and score every row; write results.json (after each row), results.md, fid_vs_steps.png, grids/."""
     import torch
     from tqdm import tqdm
 
     from . import __version__, metrics, ops
-    from .checkpoint import load_model, write_json
-    from .cli import BUNDLED, pick_device
+    from .checkpoint import BUNDLED_MODEL as BUNDLED
+    from .checkpoint import load_model
+    from .engine import generate
+    from .files import write_json
     from .images import grid, save_png
-    from .sampling import generate
+    from .machine import machine_info, pick_device
 
     n = a.n if a.n is not None else (QUICK_N if a.quick else N)
     if n < 2:
@@ -129,7 +64,7 @@ def evaluate_all(a: argparse.Namespace) -> None:
     model, schedule, _ = load_model(ckpt)
     device = pick_device(a.device)
     model = model.to(device)
-    rows = plan(a, schedule.num_train_timesteps)
+    rows = table_rows(a, schedule.num_train_timesteps)
     onnx = {kind: open_onnx(path, flag) for kind, path, flag in
             (("onnx-fp32", a.onnx, "--onnx"), ("onnx-int8", a.onnx_int8, "--onnx-int8")) if path is not None}
     rows += [{"name": f"{kind}-ddim-{ONNX_STEPS}", "source": kind, "sampler": "ddim", "steps": ONNX_STEPS,
@@ -142,7 +77,7 @@ def evaluate_all(a: argparse.Namespace) -> None:
     classes = torch.arange(n) % cfg.num_classes if cfg.num_classes else None  # balanced classes if conditional
     floor = metrics.real_floor(n)
     results = {"fastdiff": __version__, "torch": torch.__version__, "step_backend": ops.backend(),
-               "machine": machine(device), "ckpt": str(ckpt), "n": n, "seed": a.seed, "ddim_clipped_eps": a.clipped_eps,
+               "machine": machine_info(device), "ckpt": str(ckpt), "n": n, "seed": a.seed, "ddim_clipped_eps": a.clipped_eps,
                "reference": "load_digits(16, 'test'): 297 held-out digits",
                "classifier": {"path": str(metrics.CLASSIFIER), "test_accuracy": metrics.classifier_accuracy()},
                "floor": {"what": f"{floor['n']} real train digits vs the test digits", **floor}, "rows": []}
@@ -187,7 +122,7 @@ def _label(row: dict) -> str:
 
 def write_markdown(results: dict, path: Path) -> None:
     """The DDIM-paper table (rows η / DDPM / ONNX, columns S) and a detail table of every row."""
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     rows, floor = results["rows"], results["floor"]
     columns = sorted({r["steps"] for r in rows})
@@ -224,7 +159,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,0 +1,144 @@
+"""The benchmark cases: one timed thing each (the reverse step alone, or one whole sampling run), and the row
+of results.json that timing one gives."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .. import ops
+from ..interop.diffusers import diffusers_available
+from ..sampling import make_seeds
+from ..schedule import NoiseSchedule, StepCoefs
+from .baselines import alpha_table, compiled_step, diffusers_ddim_step, eager_loop
+from .constants import DTYPE_NAMES, PEER_IMPLS, STEP_IMPLS
+from .models import get_compiled, get_engine, get_model, get_pipeline, image_shape
+from .timing import calibrate_inner, measure, sync
+
+
+@dataclass
+class Case:
+    """One timed thing: fn() runs it once. bytes: bytes that must move per call (step section)."""
+
+    section: str
+    params: dict
+    fn: Callable[[], Any] | None = None
+    bytes: int | None = None
+    skip: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return "-".join(str(v) for v in self.params.values())
+
+
+def step_shape(numel: int) -> tuple[int, ...]:
+    """Image-like (B, 3, 32, 32)-shaped batches where possible, else (B, numel / B)."""
+    if numel % 3072 == 0:
+        return (numel // 3072, 3, 32, 32)
+    b = 8 if numel % 8 == 0 else 1
+    return (b, numel // b)
+
+
+def step_coefs_example(schedule: NoiseSchedule | None = None) -> tuple[int, int, StepCoefs]:
+    """(t, t_prev, fused StepCoefs): the middle step of DDIM-50, eta = 1 (noise drawn)."""
+    schedule = schedule or NoiseSchedule()
+    steps = schedule.reverse_steps("ddim", 50, eta=1.0)
+    t, coefs = steps[len(steps) // 2]
+    return t, t - schedule.num_train_timesteps // 50, coefs
+
+
+def step_case(impl: str, numel: int, dtype: str, device: torch.device | str) -> Case:
+    """The reverse step alone (DDIM, eta = 1, clip on) on numel elements, or the same-size copy."""
+    device = torch.device(device)
+    params = {"impl": impl, "numel": numel, "dtype": dtype}
+    if impl not in STEP_IMPLS:
+        raise ValueError(f"impl must be one of {STEP_IMPLS}; got {impl!r}")
+    dt = DTYPE_NAMES[dtype]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return Case("step", params, skip="no CUDA device")
+    shape = step_shape(numel)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=device).to(dt)
+    m = torch.randn(shape, generator=g, device=device).to(dt)
+    es = x.element_size()
+    if impl == "copy":
+        dst = torch.empty_like(x)
+        return Case("step", params, lambda: dst.copy_(x), bytes=2 * numel * es)
+    t, prev, coefs = step_coefs_example()
+    if impl == "fused":
+        seeds = make_seeds(0, shape[0], device)
+        return Case("step", params, lambda: ops.reverse_step(x, m, seeds, t, coefs), bytes=3 * numel * es)
+    table = alpha_table(NoiseSchedule(), "cpu" if impl == "eager" else device)
+    a_t, a_prev = table[t], table[prev]
+    fn = diffusers_ddim_step if impl == "eager" else compiled_step()
+    return Case("step", params, lambda: fn(m, x, a_t, a_prev, 1.0), bytes=3 * numel * es)
+
+
+def e2e_case(impl: str, net: str, batch: int, sampler: str, steps: int, device: torch.device | str) -> Case:
+    """One whole sampling run of `batch` images: impl in PEER_IMPLS."""
+    device = torch.device(device)
+    params = {"impl": impl, "net": net, "batch": batch, "sampler": sampler, "steps": steps}
+    if impl not in PEER_IMPLS:
+        raise ValueError(f"impl must be one of {PEER_IMPLS}; got {impl!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return Case("e2e", params, skip="no CUDA device")
+    shape = image_shape(net)
+    dev = str(device)
+    options = {"eta": 0.0} if sampler == "ddim" else {}
+    if impl.startswith("engine"):
+        dtype = "bf16" if impl == "engine-bf16" else "fp32"
+        if dtype == "bf16" and device.type == "cpu":
+            return Case("e2e", params, skip="bf16 autocast is a GPU row")
+        engine = get_engine(net, dev, dtype)
+        seeds = make_seeds(0, batch, device)
+
+        def run_engine() -> torch.Tensor:
+            seeds.add_(batch)  # new seeds each call: new samples from the same graph
+            return engine.sample(seeds, shape, sampler, steps, **options)
+
+        return Case("e2e", params, run_engine, info={"graphs": engine.use_graphs})
+    if impl == "eager":
+        model = get_model(net, dev)
+        return Case("e2e", params, lambda: eager_loop(model, NoiseSchedule(), batch, shape, sampler, steps, device))
+    if impl == "compile":
+        model, ddim, ddpm = get_compiled(net, dev)
+        table = alpha_table(NoiseSchedule(), device)
+        mark = torch.compiler.cudagraph_mark_step_begin if device.type == "cuda" else None
+        return Case("e2e", params, lambda: eager_loop(model, NoiseSchedule(), batch, shape, sampler, steps, device,
+                                                      step_fn=ddim if sampler == "ddim" else ddpm, table=table,
+                                                      before_model=mark))
+    version = diffusers_available()
+    if version is None:
+        return Case("e2e", params, skip="diffusers is not installed (pip install -e .[bench])")
+    pipe, diff = get_pipeline(net, dev, sampler)
+    return Case("e2e", params, lambda: pipe(batch_size=batch, num_inference_steps=steps, output_type="np", **options),
+                info={"diffusers": version, "weights": "copied from the fastdiff U-Net", "unet_max_abs_diff": diff})
+
+
+def run_case(case: Case, device: torch.device, **timing: Any) -> dict:
+    """Time a case (timing: measure's keyword arguments); the row of results.json."""
+    row = {"section": case.section, **case.params, **case.info}
+    if case.skip:
+        return {**row, "skipped": case.skip}
+    with torch.inference_mode() if case.params.get("impl") not in ("compile",) else torch.no_grad():
+        if case.section == "step":
+            target = 2e-3 if device.type == "cuda" else 5e-3
+            timing = {**timing, "inner": calibrate_inner(case.fn, device, target)}
+            r = measure(case.fn, device, **timing)
+        else:
+            t0 = time.perf_counter()
+            case.fn()  # first call: compile / capture / autotune
+            sync(device)
+            row["first_call_s"] = time.perf_counter() - t0
+            r = measure(case.fn, device, **timing)
+    row.update(r)
+    if case.bytes:
+        row["bytes"] = case.bytes
+        row["gbps"] = case.bytes / r["median_s"] / 1e9
+    if case.section != "step":
+        row["latency_ms"] = r["median_s"] * 1e3
+        row["images_per_s"] = case.params["batch"] / r["median_s"]
+    return row

@@ -1,0 +1,168 @@
+"""The runner behind `fastdiff bench`: the jobs of a suite in priority order, a cost estimate per case, the
+machine record, and the result files rewritten after each section."""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .. import ops
+from ..interop.diffusers import diffusers_available
+from ..machine import device_slug, machine_info
+from .cases import e2e_case, run_case, step_case
+from .constants import SECTIONS
+from .models import get_model, image_shape
+from .report import write_results
+from .suite import Suite, make_suite
+from .timing import sync
+
+Job = tuple[str, dict]  # (section, the case's parameters)
+
+
+def describe_machine(device: torch.device) -> dict:
+    """fastdiff.machine.machine_info plus what a benchmark also depends on: the step backend, diffusers'
+    version and (GPU) the NVIDIA driver."""
+    info = {**machine_info(device), "step_backend": ops.backend(), "diffusers": diffusers_available()}
+    if device.type == "cuda":
+        info["driver"] = _nvidia_driver()
+    return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - no nvidia-smi, or it failed: the driver is unknown
+        return None
+
+
+def default_out(device: torch.device) -> Path:
+    """benchmarks/results/<device-slug>-<date>, relative to the current working directory."""
+    return Path("benchmarks") / "results" / f"{device_slug(device)}-{_dt.date.today().isoformat()}"
+
+
+def _jobs(suite: Suite, sections: list[str]) -> list[Job]:
+    jobs = []
+    if "step" in sections:
+        jobs += [("step", {"impl": i, "numel": n, "dtype": d}) for d in suite.step_dtypes for n in suite.step_sizes
+                 for i in suite.step_impls]
+    if "peers" in sections:
+        jobs += [("peers", {"impl": i, "net": net, "batch": b, "sampler": s, "steps": n})
+                 for net, b, s, n in suite.peers for i in suite.peer_impls]
+    if "e2e" in sections:
+        jobs += [("e2e", {"impl": i, "net": net, "batch": b, "sampler": s, "steps": n})
+                 for net, b, s, n in suite.e2e for i in suite.e2e_impls]
+    return sorted(jobs, key=lambda j: _priority(*j))  # stable: the suite's order within a priority
+
+
+def _priority(section: str, p: dict) -> int:
+    """Run order: the step, then the cases the targets need (so a --time-budget keeps them), then the rest."""
+    if section == "step":
+        return 0
+    if p["net"] == "cifar-ddpm" and p["batch"] == 1 and (p["sampler"], p["steps"]) in (("ddim", 50), ("ddpm", 1000)):
+        return 1
+    if section == "e2e" and (p["sampler"], p["steps"]) in (("ddim", 50), ("ddpm", 1000)):
+        return 2
+    return 3
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_s(net: str, batch: int, device: str) -> float:
+    """Seconds of one model call (for the cost estimate; CPU: from batch 1, scaled by batch)."""
+    dev = torch.device(device)
+    b = 1 if dev.type == "cpu" else batch
+    model = get_model(net, device)
+    x = torch.randn((b, *image_shape(net)), device=dev)
+    t = torch.full((b,), 500, device=dev)
+    with torch.inference_mode():
+        model(x, t)
+        sync(dev)
+        t0 = time.perf_counter()
+        model(x, t)
+        sync(dev)
+    return (time.perf_counter() - t0) * (batch / b)
+
+
+def _notes(mode: str, device: torch.device, suite: Suite) -> list[str]:
+    notes = []
+    if device.type == "cpu":
+        notes.append("CPU run: time.perf_counter timing; CUDA graphs and bf16 autocast rows are GPU-only.")
+    if mode != "full":
+        notes.append("torch.compile rows are skipped in --quick (compile time); run --full for them.")
+    if "diffusers" in suite.peer_impls and diffusers_available() is None:
+        notes.append("diffusers is not installed: the DDIMPipeline/DDPMPipeline rows are skipped (pip install -e .[bench]).")
+    elif "diffusers" in suite.peer_impls:
+        notes.append("diffusers rows: UNet2DModel with the same architecture and the same weights copied in "
+                     "(unet_max_abs_diff in results.json); output_type='np' (includes its copy to the host).")
+    notes.append("Weights are random (seed 0); x_T and noise: fastdiff Philox (engine) vs torch.randn (eager/compile/diffusers).")
+    return notes
+
+
+def _run_job(section: str, params: dict, mode: str, suite: Suite, device: torch.device) -> dict:
+    """The row of one job, or a row saying why it was skipped."""
+    if section == "step":
+        return run_case(step_case(params["impl"], params["numel"], params["dtype"], device), device, **suite.step_timing)
+    est = _forward_s(params["net"], params["batch"], str(device)) * params["steps"] * (2 + suite.e2e_timing["min_runs"])
+    if params["impl"] in ("compile",) and mode != "full":
+        return {"section": section, **params, "skipped": "torch.compile: --full only"}
+    if est > suite.case_budget_s:
+        return {"section": section, **params,
+                "skipped": f"estimated {est:.0f} s > {suite.case_budget_s:.0f} s per case on this device"}
+    case = e2e_case(params["impl"], params["net"], params["batch"], params["sampler"], params["steps"], device)
+    case.section = section
+    return run_case(case, device, **suite.e2e_timing)
+
+
+def run_bench(mode: str = "quick", device: str | torch.device = "auto", out: Path | None = None,
+              sections: tuple[str, ...] = SECTIONS, time_budget_s: float = 0.0, threads: int | None = None,
+              progress: bool = True, plots: bool = True) -> Path:
+    """Run the benchmarks (docs/design.md §5); writes results.json, results.md and PNG plots into out
+    (default: default_out(device)); returns out. threads sets torch's CPU threads for the run only."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(mode, device, Path(out) if out else default_out(device), sections, time_budget_s, progress, plots)
+    finally:
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
+
+
+def _run(mode: str, device: torch.device, out: Path, sections: tuple[str, ...], time_budget_s: float, progress: bool,
+         plots: bool) -> Path:
+    from tqdm import tqdm
+
+    suite = make_suite(mode, device)
+    result = {"mode": mode, "machine": describe_machine(device), "notes": _notes(mode, device, suite), "rows": []}
+    jobs = _jobs(suite, list(sections))
+    start = time.perf_counter()
+    bar = tqdm(jobs, desc=f"bench {mode}", disable=not progress, dynamic_ncols=True)
+    last_section = None
+    for section, params in bar:
+        bar.set_postfix_str(f"{section} " + " ".join(str(v) for v in params.values()))
+        if last_section and section != last_section:
+            write_results(out, result, plots=False)
+        last_section = section
+        try:
+            if time_budget_s and time.perf_counter() - start > time_budget_s:
+                row = {"section": section, **params, "skipped": f"time budget of {time_budget_s:.0f} s spent"}
+            else:
+                row = _run_job(section, params, mode, suite, device)
+        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
+            text = str(exc).splitlines()[0][:200] if str(exc) else ""
+            row = {"section": section, **params, "error": f"{type(exc).__name__}: {text}"}
+            warnings.warn(f"bench case {section} {params} failed: {row['error']}", RuntimeWarning, stacklevel=1)
+        result["rows"].append(row)
+    result["total_s"] = time.perf_counter() - start
+    write_results(out, result, plots=plots)
+    return out

@@ -1,0 +1,55 @@
+"""Timing of the benchmark cases: medians after warm-up; CUDA events on GPU, time.perf_counter on CPU."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, min_runs: int = 5, max_runs: int = 100,
+            budget_s: float = 2.0, inner: int = 1) -> dict:
+    """Median seconds per call of fn (each sample times `inner` back-to-back calls), after warm-up.
+
+    Runs at least min_runs samples, then more until budget_s or max_runs. GPU: CUDA events on the
+    current stream; CPU: time.perf_counter."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(inner):
+                fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3 / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) / inner)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "min_s": min(times), "q1_s": q[0], "q3_s": q[2],
+            "runs": len(times), "inner": inner}
+
+
+def calibrate_inner(fn: Callable[[], Any], device: torch.device, target_s: float) -> int:
+    """Calls per timed sample so that one sample lasts about target_s (short kernels)."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    dt = max(time.perf_counter() - t0, 1e-7)
+    return max(1, min(1000, int(target_s / dt)))

@@ -1,0 +1,48 @@
+"""The `fastdiff` command: one thin module per sub-command, one error path (docs/design.md §1).
+
+Every expected failure — a bad argument, a missing or unreadable file, a full disk, a model that
+produces NaN — ends in one line `fastdiff <command>: error: ...` and exit status 2; Ctrl-C in one line
+and status 130; a closed stdout (`fastdiff info | head -c0`) silently.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import bench, evaluate, export, info, quantize, sample, train
+
+COMMANDS = (train, sample, info, export, quantize, evaluate, bench)
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastdiff", description="Train DDPM U-Nets and sample them fast (DDPM / DDIM).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add(sub)
+    return p
+
+
+def _message(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away: nothing to say, and nothing more to say it to
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"\nfastdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as e:
+        print(f"fastdiff {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 2
+    return 0

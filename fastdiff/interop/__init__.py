@@ -1,0 +1,1 @@
+"""Interoperation with other diffusion libraries: fastdiff networks and schedules in their formats."""
