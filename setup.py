@@ -50,12 +50,14 @@ def _extensions() -> tuple[list, dict]:
     # -fno-math-errno/-fno-trapping-math change no result; they let the loops if-convert and vectorise.
     # No -std flag: torch picks the one its headers need (C++20 for torch >= 2.10; C++17 fails).
     host = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-    sources = ["csrc/ops.cpp"]
+    # csrc/cpu/step_avx*.cpp: the AVX2 / AVX-512 kernels (per-function ISA targets, picked at load time)
+    sources = ["csrc/ops.cpp", "csrc/cpu/step_avx2.cpp", "csrc/cpu/step_avx512.cpp"]
+    sources.append("csrc/multistep.cpp")  # DPM-Solver++ multistep_step (its own schema fragment)
     args = {"cxx": host}
     kwargs = {"extra_link_args": ["-fopenmp"], "include_dirs": [str(ROOT / "csrc")]}
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FASTDIFF_CUDA_ARCH_LIST", "8.0;8.6;9.0")
-        sources.append("csrc/cuda/step.cu")
+        sources += ["csrc/cuda/step.cu", "csrc/cuda/multistep.cu"]
         args["nvcc"] = ["-O3", "-fmad=false", "-prec-div=true", "-prec-sqrt=true", "-ftz=false"]
         kwargs["include_dirs"] += _nvidia_include_dirs()
         ext = ce.CUDAExtension("fastdiff._C", sources, extra_compile_args=args, **kwargs)
@@ -71,13 +73,16 @@ setup(
     version="0.1.0",
     description="Fast diffusion sampling for PyTorch: fused reverse-step kernels, graph-captured sampling, ONNX export",
     packages=find_packages(include=["fastdiff", "fastdiff.*"]),
-    package_data={"fastdiff": ["assets/*", "assets/*/*"]},
+    package_data={"fastdiff": ["assets/*", "assets/*/*", "serve/static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch", "numpy", "safetensors", "tqdm", "pillow", "scikit-learn",
         "onnx", "onnxruntime", "onnxscript", "matplotlib", "scipy",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "diffusers"], "bench": ["diffusers"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "diffusers", "transformers", "fastapi", "uvicorn", "httpx",
+                             "playwright", "hypothesis"],
+                    "bench": ["diffusers"], "serve": ["fastapi", "uvicorn", "httpx"],
+                    "diffusers": ["diffusers", "transformers"]},
     entry_points={"console_scripts": ["fastdiff=fastdiff.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -2,8 +2,18 @@
 //
 // The contract (docs/design.md §3): z(seed, step, i) is bit-identical on the host, the device,
 // NumPy and PyTorch (fastdiff/noise.py mirrors every operation below, in the same order).
-// Only float32 + - * / and sqrt, each correctly rounded; no libm, no intrinsics, no fma
-// (host: -ffp-contract=off, device: -fmad=false).
+// Only float32 + - * / and sqrt, each correctly rounded; no libm, no fma (host: -ffp-contract=off,
+// device: -fmad=false).
+//
+// The math is written ONCE, as templates over a "lanes" type L: L::U (uint32 lanes), L::F (float32
+// lanes), L::M (lane masks), with the C operators plus L::sel / to_float / bits / from_bits / sqrt /
+// mulhilo. ScalarLanes (below) is one lane: uint32_t, float, bool; the CPU's SIMD kernels
+// (csrc/cpu/simd_*.h) instantiate the same templates with AVX2 / AVX-512 registers, so every path
+// performs the same IEEE operations in the same order.
+//
+// Host definitions live in an unnamed namespace (internal linkage): the SIMD translation units
+// compile these headers for other ISAs, and an inline function emitted by one of them must never be
+// picked by the linker for another.
 #pragma once
 
 #include <cstdint>
@@ -27,30 +37,7 @@ struct Philox4 {
   uint32_t r0, r1, r2, r3;
 };
 
-FD_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
-FD_UNROLL
-  for (int r = 0; r < 10; ++r) {
-    if (r) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
-    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-  }
-  return {c0, c1, c2, c3};
-}
-
-// Philox of group g (elements 4g..4g+3) of a sample with this seed at this step.
-FD_HD Philox4 philox_group(uint64_t seed, uint32_t step, uint64_t g) {
-  return philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), step, 0u,
-                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-}
+namespace {
 
 FD_HD uint32_t fd_float_bits(float f) {
 #if defined(__CUDA_ARCH__)
@@ -72,70 +59,148 @@ FD_HD float fd_bits_float(uint32_t u) {
 #endif
 }
 
-FD_HD float fd_sqrt(float x) {
+// One lane: the plain C++ / CUDA types.
+struct ScalarLanes {
+  using U = uint32_t;
+  using F = float;
+  using M = bool;
+  static FD_HD F sel(M m, F a, F b) { return m ? a : b; }
+  static FD_HD U sel(M m, U a, U b) { return m ? a : b; }
+  static FD_HD F to_float(U v) { return static_cast<float>(static_cast<int32_t>(v)); }  // as int32: exact < 2^24
+  static FD_HD U bits(F f) { return fd_float_bits(f); }
+  static FD_HD F from_bits(U u) { return fd_bits_float(u); }
+  static FD_HD F sqrt(F x) {
 #if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(x);
+    return __fsqrt_rn(x);
 #else
-  return __builtin_sqrtf(x);  // sqrtss/sqrtps: correctly rounded (errno off: -fno-math-errno)
+    return __builtin_sqrtf(x);  // sqrtss: correctly rounded (errno off: -fno-math-errno)
 #endif
+  }
+  // (hi, lo) 32-bit halves of the 64-bit product k * a.
+  static FD_HD void mulhilo(uint32_t k, U a, U& hi, U& lo) {
+    const uint64_t p = static_cast<uint64_t>(k) * a;
+    hi = static_cast<uint32_t>(p >> 32);
+    lo = static_cast<uint32_t>(p);
+  }
+};
+
+// The round keys of Philox4x32-10: (k0, k1) plus r times the Weyl constants, r = 0..9.
+struct PhiloxKeys {
+  uint32_t k0[10], k1[10];
+};
+
+FD_HD PhiloxKeys philox_keys(uint32_t k0, uint32_t k1) {
+  PhiloxKeys ks;
+FD_UNROLL
+  for (int r = 0; r < 10; ++r) {
+    if (r) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    ks.k0[r] = k0;
+    ks.k1[r] = k1;
+  }
+  return ks;
+}
+
+// Philox4x32-10 on counters (c0..c3) with the round keys ks; the result replaces the counters.
+template <class L>
+FD_HD void philox_rounds(typename L::U& c0, typename L::U& c1, typename L::U& c2, typename L::U& c3,
+                         const PhiloxKeys& ks) {
+  using U = typename L::U;
+FD_UNROLL
+  for (int r = 0; r < 10; ++r) {
+    U hi0, lo0, hi1, lo1;
+    L::mulhilo(0xD2511F53u, c0, hi0, lo0);
+    L::mulhilo(0xCD9E8D57u, c2, hi1, lo1);
+    c0 = hi1 ^ c1 ^ U(ks.k0[r]);
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ U(ks.k1[r]);
+    c3 = lo0;
+  }
 }
 
 // R = sqrt(-2 ln u), u = (2*(U>>9)+1) * 2^-24 in (0, 1).
-FD_HD float fd_radius(uint32_t U) {
-  const float u = static_cast<float>(static_cast<int32_t>(((U >> 9) << 1) + 1u)) * 0x1p-24f;
-  const uint32_t bits = fd_float_bits(u);
-  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 127;
-  float mant = fd_bits_float((bits & 0x7fffffu) | 0x3f800000u);  // [1, 2)
-  const bool big = mant > 0x1.6a09e6p+0f;                         // sqrt(2)
-  mant = big ? mant * 0.5f : mant;
-  e = big ? e + 1 : e;
+template <class L>
+FD_HD typename L::F radius(typename L::U U) {
+  using F = typename L::F;
+  using V = typename L::U;
+  const F u = L::to_float(((U >> 9) << 1) + V(1u)) * F(0x1p-24f);
+  const V bits = L::bits(u);
+  V e = ((bits >> 23) & V(0xffu)) - V(127u);  // int32 arithmetic in uint32 lanes (two's complement)
+  F mant = L::from_bits((bits & V(0x7fffffu)) | V(0x3f800000u));  // [1, 2)
+  const auto big = mant > F(0x1.6a09e6p+0f);                        // sqrt(2)
+  mant = L::sel(big, mant * F(0.5f), mant);
+  e = L::sel(big, e + V(1u), e);
   // ln(mant) = 2 atanh(s) = 2s (1 + s^2/3 + s^4/5 + s^6/7 + s^8/9)
-  const float s = (mant - 1.0f) / (mant + 1.0f);
-  const float s2 = s * s;
-  float p = s2 * 0x1.c71c72p-4f + 0x1.24924ap-3f;  // 1/9, 1/7
-  p = p * s2 + 0x1.99999ap-3f;                      // 1/5
-  p = p * s2 + 0x1.555556p-2f;                      // 1/3
-  p = p * s2 + 1.0f;
-  const float ln_u = (s * 2.0f) * p + static_cast<float>(e) * 0x1.62e430p-1f;  // ln 2
-  return fd_sqrt(ln_u * -2.0f);
+  const F s = (mant - F(1.0f)) / (mant + F(1.0f));
+  const F s2 = s * s;
+  F p = s2 * F(0x1.c71c72p-4f) + F(0x1.24924ap-3f);  // 1/9, 1/7
+  p = p * s2 + F(0x1.99999ap-3f);                      // 1/5
+  p = p * s2 + F(0x1.555556p-2f);                      // 1/3
+  p = p * s2 + F(1.0f);
+  const F ln_u = (s * F(2.0f)) * p + L::to_float(e) * F(0x1.62e430p-1f);  // ln 2
+  return L::sqrt(ln_u * F(-2.0f));
 }
 
 // (cos θ, sin θ) of the angle in V: octant = top 3 bits, φ ∈ (0, π/4) from the next 23 bits.
-FD_HD void fd_cos_sin(uint32_t V, float& cos_t, float& sin_t) {
-  const uint32_t o = V >> 29;
-  const uint32_t q = o >> 1;
-  const bool h = (o & 1u) != 0;
-  uint32_t f = (V >> 6) & 0x7fffffu;
-  f = h ? 0x7fffffu - f : f;
-  const float phi = static_cast<float>(static_cast<int32_t>((f << 1) + 1u)) * 0x1.921fb6p-25f;
-  const float p2 = phi * phi;
-  float s = p2 * 0x1.71de3ap-19f + -0x1.a01a02p-13f;  // 1/9!, -1/7!
-  s = s * p2 + 0x1.111112p-7f;                        // 1/5!
-  s = s * p2 + -0x1.555556p-3f;                       // -1/3!
-  s = s * p2 + 1.0f;
-  const float sin_p = phi * s;
-  float c = p2 * -0x1.27e4fcp-22f + 0x1.a01a02p-16f;  // -1/10!, 1/8!
-  c = c * p2 + -0x1.6c16c2p-10f;                      // -1/6!
-  c = c * p2 + 0x1.555556p-5f;                        // 1/4!
-  c = c * p2 + -0.5f;
-  const float cos_p = c * p2 + 1.0f;
-  const float sin_a = h ? cos_p : sin_p;
-  const float cos_a = h ? sin_p : cos_p;
-  const bool odd = (q & 1u) != 0;
-  const float ct = odd ? sin_a : cos_a;
-  const float st = odd ? cos_a : sin_a;
+template <class L>
+FD_HD void cos_sin(typename L::U V, typename L::F& cos_t, typename L::F& sin_t) {
+  using F = typename L::F;
+  using W = typename L::U;
+  const W o = V >> 29;
+  const W q = o >> 1;
+  const auto h = (o & W(1u)) != W(0u);
+  W f = (V >> 6) & W(0x7fffffu);
+  f = L::sel(h, W(0x7fffffu) - f, f);
+  const F phi = L::to_float((f << 1) + W(1u)) * F(0x1.921fb6p-25f);
+  const F p2 = phi * phi;
+  F s = p2 * F(0x1.71de3ap-19f) + F(-0x1.a01a02p-13f);  // 1/9!, -1/7!
+  s = s * p2 + F(0x1.111112p-7f);                        // 1/5!
+  s = s * p2 + F(-0x1.555556p-3f);                       // -1/3!
+  s = s * p2 + F(1.0f);
+  const F sin_p = phi * s;
+  F c = p2 * F(-0x1.27e4fcp-22f) + F(0x1.a01a02p-16f);  // -1/10!, 1/8!
+  c = c * p2 + F(-0x1.6c16c2p-10f);                      // -1/6!
+  c = c * p2 + F(0x1.555556p-5f);                        // 1/4!
+  c = c * p2 + F(-0.5f);
+  const F cos_p = c * p2 + F(1.0f);
+  const F sin_a = L::sel(h, cos_p, sin_p);
+  const F cos_a = L::sel(h, sin_p, cos_p);
+  const auto odd = (q & W(1u)) != W(0u);
+  const F ct = L::sel(odd, sin_a, cos_a);
+  const F st = L::sel(odd, cos_a, sin_a);
   // negate (flip the sign bit) cos for q = 1, 2 and sin for q = 2, 3; branch-free
-  cos_t = fd_bits_float(fd_float_bits(ct) ^ (((q ^ (q >> 1)) & 1u) << 31));
-  sin_t = fd_bits_float(fd_float_bits(st) ^ ((q >> 1) << 31));
+  cos_t = L::from_bits(L::bits(ct) ^ (((q ^ (q >> 1)) & W(1u)) << 31));
+  sin_t = L::from_bits(L::bits(st) ^ ((q >> 1) << 31));
 }
 
 // The two normals (R cos θ, R sin θ) of the word pair (U, V).
-FD_HD void box_muller(uint32_t U, uint32_t V, float& z_cos, float& z_sin) {
-  const float r = fd_radius(U);
-  float ct, st;
-  fd_cos_sin(V, ct, st);
+template <class L>
+FD_HD void box_muller_lanes(typename L::U U, typename L::U V, typename L::F& z_cos, typename L::F& z_sin) {
+  const typename L::F r = radius<L>(U);
+  typename L::F ct, st;
+  cos_sin<L>(V, ct, st);
   z_cos = r * ct;
   z_sin = r * st;
+}
+
+// --- the scalar API (CUDA kernel, portable CPU path) ----------------------------------------------
+FD_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  philox_rounds<ScalarLanes>(c0, c1, c2, c3, philox_keys(k0, k1));
+  return {c0, c1, c2, c3};
+}
+
+// Philox of group g (elements 4g..4g+3) of a sample with this seed at this step.
+FD_HD Philox4 philox_group(uint64_t seed, uint32_t step, uint64_t g) {
+  return philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), step, 0u,
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+FD_HD float fd_radius(uint32_t U) { return radius<ScalarLanes>(U); }
+FD_HD void fd_cos_sin(uint32_t V, float& cos_t, float& sin_t) { cos_sin<ScalarLanes>(V, cos_t, sin_t); }
+FD_HD void box_muller(uint32_t U, uint32_t V, float& z_cos, float& z_sin) {
+  box_muller_lanes<ScalarLanes>(U, V, z_cos, z_sin);
 }
 
 // The normal of element i of a sample (lane i % 4 of group i / 4); one Philox call per element.
@@ -149,4 +214,5 @@ FD_HD float normal_at(uint64_t seed, uint32_t step, uint64_t i) {
   return (lane & 1u) ? zs : zc;
 }
 
+}  // namespace
 }  // namespace fastdiff

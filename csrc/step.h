@@ -17,6 +17,8 @@ struct StepParams {
   float a, b, clip, k_x0, k_x, k_m, sigma;  // clip = +inf disables the clamp
 };
 
+namespace {
+
 inline StepParams make_step_params(double a, double b, double clip_range, double k_x0, double k_x,
                                    double k_m, double sigma) {
   const float clip = std::isfinite(clip_range) ? static_cast<float>(clip_range) : INFINITY;
@@ -24,15 +26,26 @@ inline StepParams make_step_params(double a, double b, double clip_range, double
           static_cast<float>(k_x), static_cast<float>(k_m), static_cast<float>(sigma)};
 }
 
-// Without the noise term (sigma == 0, or added by the caller with step_add_noise).
-FD_HD float step_mean(float x, float m, const StepParams& p) {
-  float x0 = p.a * x + p.b * m;
-  x0 = (x0 < -p.clip) ? -p.clip : ((x0 > p.clip) ? p.clip : x0);
-  return p.k_x0 * x0 + p.k_x * x + p.k_m * m;
+// Without the noise term (sigma == 0, or added by the caller with step_add_noise); L: see philox.h.
+template <class L>
+FD_HD typename L::F step_mean_lanes(typename L::F x, typename L::F m, const StepParams& p) {
+  using F = typename L::F;
+  F x0 = F(p.a) * x + F(p.b) * m;
+  x0 = L::sel(x0 < F(-p.clip), F(-p.clip), L::sel(x0 > F(p.clip), F(p.clip), x0));  // NaN: both false
+  return F(p.k_x0) * x0 + F(p.k_x) * x + F(p.k_m) * m;
 }
 
-FD_HD float step_add_noise(float mean, float z, const StepParams& p) { return mean + p.sigma * z; }
+template <class L>
+FD_HD typename L::F step_add_noise_lanes(typename L::F mean, typename L::F z, const StepParams& p) {
+  return mean + typename L::F(p.sigma) * z;
+}
 
+FD_HD float step_mean(float x, float m, const StepParams& p) { return step_mean_lanes<ScalarLanes>(x, m, p); }
+FD_HD float step_add_noise(float mean, float z, const StepParams& p) {
+  return step_add_noise_lanes<ScalarLanes>(mean, z, p);
+}
+
+}  // namespace
 }  // namespace fastdiff
 
 #ifdef FASTDIFF_WITH_ATEN

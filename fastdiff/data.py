@@ -2,6 +2,8 @@
 Images come out as float32 (N, C, H, W) in [-1, 1]; labels as int64 (N,) or None."""
 from __future__ import annotations
 
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +53,7 @@ def _to_float(arr: np.ndarray) -> torch.Tensor:
     """uint8 [0, 255] or float [0, 1] / [-1, 1] (N, H, W[, C]) or (N, C, H, W) → float32 NCHW in [-1, 1]."""
     if arr.ndim == 3:
         arr = arr[..., None]
-    if arr.ndim != 4:
+    if arr.ndim != 4 or min(arr.shape) < 1:
         raise ValueError(f"images must have shape (N, H, W), (N, H, W, C) or (N, C, H, W); got {arr.shape}")
     if arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
         arr = arr.transpose(0, 3, 1, 2)
@@ -65,13 +67,33 @@ def _to_float(arr: np.ndarray) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+MAX_PIXELS = 4096 * 4096  # per image: larger files are refused (decompression bombs included)
+
+
 def load_npz(path: Path, image_size: int) -> ImageData:
-    with np.load(path, allow_pickle=False) as f:
-        if "images" not in f:
-            raise ValueError(f"{path}: expected an array named 'images' (and optionally 'labels'); found {list(f.keys())}")
-        images, labels = _to_float(f["images"]), f["labels"] if "labels" in f else None
+    if path.suffix.lower() != ".npz":
+        raise ValueError(f"--data {path}: expected 'digits', a folder of images or a .npz file with 'images'")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "keys"):
+                raise ValueError(f"--data {path}: not a .npz archive")
+            if "images" not in f:
+                raise ValueError(f"--data {path}: expected an array named 'images' (and optionally 'labels'); "
+                                 f"found {list(f.keys())}")
+            raw, labels = f["images"], f["labels"] if "labels" in f else None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as e:
+        if isinstance(e, ValueError) and str(e).startswith("--data"):
+            raise
+        raise ValueError(f"--data {path}: not a readable .npz archive ({e})") from None
+    if not isinstance(raw, np.ndarray) or (labels is not None and not isinstance(labels, np.ndarray)):
+        raise ValueError(f"--data {path}: the archive's members are not .npy arrays")
+    if raw.dtype.kind not in "uif" or raw.dtype.itemsize > 8:
+        raise ValueError(f"--data {path}: 'images' must hold numbers (uint8 or float); got dtype {raw.dtype}")
+    images = _to_float(raw)
     if labels is None:
         return ImageData(resize(images, image_size), None, 0)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"--data {path}: 'labels' must be integers; got dtype {labels.dtype}")
     labels = torch.from_numpy(np.asarray(labels).astype(np.int64)).reshape(-1)
     if len(labels) != len(images) or labels.min() < 0:
         raise ValueError(f"{path}: 'labels' must hold one non-negative integer per image")
@@ -88,9 +110,16 @@ def load_folder(root: Path, image_size: int, channels: int) -> ImageData:
     mode = {1: "L", 3: "RGB"}[channels]
     arrays, sizes = [], set()
     for f in files:
-        with Image.open(f) as im:
-            arrays.append(np.asarray(im.convert(mode)))
-            sizes.add(im.size)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    if im.size[0] * im.size[1] > MAX_PIXELS:
+                        raise ValueError(f"{im.size[0]}x{im.size[1]} pixels is over the limit of {MAX_PIXELS}")
+                    arrays.append(np.asarray(im.convert(mode)))
+                    sizes.add(im.size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"--data: {f} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if len(sizes) > 1:
         raise ValueError(f"images under {root} have mixed sizes {sorted(sizes)[:4]}...; resize them to one size first")
     images = _to_float(np.stack(arrays))

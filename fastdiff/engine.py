@@ -7,7 +7,9 @@ On CUDA the whole denoising loop — x_T included — is captured as ONE CUDA gr
   and the output; a replay copies new seeds into the static buffer and so draws new samples,
   without recapture and without any host sync inside the loop (x_T is drawn by the fused op
   itself: ops.initial_noise);
-* the fused reverse step (torch.ops.fastdiff.reverse_step) after every model call;
+* the fused reverse step (torch.ops.fastdiff.reverse_step) after every model call; for DPM-Solver++ the fused
+  multistep step (torch.ops.fastdiff.multistep_step), whose loop state x0_prev is allocated inside the capture
+  and so lives in the graph's pool: a static buffer like x (sampling.advance);
 * optional bf16/fp16 autocast of the model; the step state x stays float32;
 * the model and the state in channels_last (the fused op keeps the layout; the noise depends on
   the logical index only, so the samples do not change);
@@ -15,13 +17,19 @@ On CUDA the whole denoising loop — x_T included — is captured as ONE CUDA gr
   each graph owns its memory pool, freed on eviction), and an eager fallback that warns once
   when capture fails.
 
-On the CPU the same loop runs eagerly under torch.inference_mode with the fused C++ step
-(OpenMP via at::parallel_for). The engine leaves torch's thread count alone (torch defaults to
-one thread per physical core, which is right for a dedicated machine); pass `num_threads` to
-set it for the duration of each `sample` call, e.g. when other processes share the cores.
+On the CPU (runtime "ort", the default where onnxruntime is installed: fastdiff.runtimes) the model is
+exported once to ONNX (cached by content under $FASTDIFF_CACHE) and run by ONNX Runtime, fed and read through
+IOBinding over torch tensors, with the fused C++ step between calls; runtime="torch" (and the fallback when
+ORT cannot run the model, with a warning) runs the model in eager torch under torch.inference_mode.
+Threads: the ORT session gets `num_threads` (default: torch's thread count when it is built) and, while it
+runs, torch's own pool is set to one thread - the step is tiny beside the model, and two thread pools
+spinning on the same cores slow each other down. The torch runtime leaves torch's thread count alone
+unless `num_threads` is given (then it is set for the duration of each `sample` call).
 
-Every path runs the one loop `fastdiff.sampling.denoise`. Results equal the plain samplers with the same seeds (fp32: to float32 rounding of the model's
-convolutions; bf16/fp16: within the model's own reduced-precision error).
+Every path runs the one loop `fastdiff.sampling.denoise` (ORT as a `model(x, t, y)` callable). Results equal
+the plain samplers with the same seeds (fp32: to float32 rounding of the two runtimes' convolutions, bounded
+in tests/test_engine_runtimes.py; bf16/fp16: within the model's own reduced-precision error; int8: see
+docs/performance.md).
 
 Side effect: the engine puts the model in eval mode on `device` and, with channels_last,
 converts its parameters to channels_last in place (the same module object is used).
@@ -37,7 +45,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from . import ops
+from . import ops, runtimes
 from .request import SampleRequest, check_float, check_int
 from .sampling import SAMPLERS, Model, denoise, initial_noise, make_seeds
 from .schedule import NoiseSchedule, Step
@@ -66,7 +74,10 @@ class Engine:
     channels_last: run the model and keep x in channels_last (4-D images only).
     use_graphs: capture CUDA graphs (CUDA only; ignored on the CPU).
     cache_size: captured graphs kept (least recently used evicted first).
-    num_threads: torch CPU threads during `sample` (None: leave torch's setting alone).
+    num_threads: CPU threads: the ORT session's, or torch's during `sample` (None: torch's setting).
+    runtime: "auto" (cuda-graph on CUDA, ort on the CPU when onnxruntime is installed and the model is a
+    fastdiff UNet), "ort", "torch" or "cuda-graph" (fastdiff.runtimes); `runtime` says which one runs.
+    int8: run the INT8 ONNX model (quantized once, cached beside the fp32 export; needs the ort runtime).
     check_finite: raise FloatingPointError on NaN/inf: on the CPU the model output is checked at every
     step (as sampling.run does; a reduction, cheap beside the model); on CUDA the result is checked
     once at the end (never inside the loop: no host sync per step).
@@ -74,7 +85,8 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, channels_last: bool = True, use_graphs: bool = True,
-                 cache_size: int = 8, num_threads: int | None = None, check_finite: bool = True):
+                 cache_size: int = 8, num_threads: int | None = None, check_finite: bool = True,
+                 runtime: str = "auto", int8: bool = False):
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a fastdiff NoiseSchedule; got {type(schedule).__name__}")
         if dtype not in DTYPES:
@@ -94,16 +106,20 @@ class Engine:
             raise ValueError(f"device must be cpu or cuda; got {self.device}")
         self.schedule = schedule
         self.dtype = None if dtype == torch.float32 else dtype
-        self.channels_last = channels_last
-        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.runtime = runtimes.resolve(runtime, self.device, model, dtype=self.dtype,
+                                        use_graphs=use_graphs and self.device.type == "cuda", int8=bool(int8))
+        self.int8 = bool(int8)
+        self.channels_last = channels_last and self.runtime != "ort"  # ONNX Runtime reads NCHW
+        self.use_graphs = self.runtime == "cuda-graph"
         self.cache_size = cache_size
         self.num_threads = num_threads
         self.check_finite = check_finite
         if isinstance(model, torch.nn.Module):
             model = model.to(self.device).eval()
-            if channels_last:
+            if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self._ort: runtimes.OrtModel | None = None
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warned = False
         self.stats = {"captures": 0, "replays": 0, "eager_runs": 0, "evictions": 0, "capture_failures": 0}
@@ -120,8 +136,11 @@ class Engine:
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise ValueError(f"steps must be an integer; got {steps!r}")
         plan = self.schedule.reverse_steps(sampler, steps, **options)
+        self._model_fn()  # export / load the ORT model first (outside inference_mode)
         threads = torch.get_num_threads()
-        if self.num_threads is not None:
+        if self.runtime == "ort":
+            torch.set_num_threads(1)  # ORT has the cores; the step is tiny (see the module docstring)
+        elif self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
         try:
             with torch.inference_mode():
@@ -134,13 +153,24 @@ class Engine:
                     raise FloatingPointError(f"the samples hold NaN or inf ({sampler}-{steps}); check the weights, "
                                              "the inputs and, with dtype=float16, the model's range")
         finally:
-            if self.num_threads is not None:
+            if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
         return out.contiguous().clone()  # outside inference_mode: an ordinary tensor, not the static buffer
 
     def clear(self) -> None:
-        """Drop every captured graph (and its memory pool)."""
+        """Drop every captured graph (and its memory pool) and the ORT session; the next `sample` captures or
+        loads again (re-exporting if the model's weights changed: the ORT runtime snapshots them on first use)."""
         self._graphs.clear()
+        self._ort = None
+
+    @property
+    def runtime_info(self) -> dict:
+        """What runs the model: runtime, precision, threads and (ort) the ONNX file; for result sidecars."""
+        info = {"runtime": self.runtime, "device": str(self.device),
+                "precision": "int8" if self.int8 else (str(self.dtype).removeprefix("torch.") if self.dtype else "fp32")}
+        if self._ort is not None:
+            info.update(onnx=str(self._ort.path), threads=self._ort.threads)
+        return info
 
     @property
     def cached_keys(self) -> list[tuple]:
@@ -173,11 +203,27 @@ class Engine:
     def _layout(self, image_shape) -> torch.memory_format:
         return torch.channels_last if self.channels_last and len(image_shape) == 3 else torch.contiguous_format
 
+    def _model_fn(self) -> Model:
+        """The model callable of the runtime: the ORT model (built on first use) or the torch module."""
+        if self.runtime != "ort":
+            return self.model
+        if self._ort is None:
+            threads = self.num_threads or torch.get_num_threads()
+            try:
+                self._ort = runtimes.ort_model(self.model, self.schedule, threads, self.int8)
+            except Exception as exc:  # noqa: BLE001 - any export/ORT failure falls back to eager torch
+                runtimes.warn_once(f"export:{type(exc).__name__}",
+                                   f"the ONNX Runtime runtime could not load the model ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]}); the engine runs it in eager torch (fp32)")
+                self.runtime, self.int8 = "torch", False
+                return self.model
+        return self._ort
+
     def _loop(self, seeds: torch.Tensor, image_shape: tuple[int, ...], plan: list[Step], y: torch.Tensor | None,
               guidance: float, progress: bool = False) -> torch.Tensor:
         """x_T from the fused op, then the one denoising loop; no host sync on CUDA."""
         x = initial_noise(seeds, image_shape, memory_format=self._layout(image_shape))
-        return denoise(self.model, x, seeds, plan, y=y, guidance=guidance, autocast=self._autocast,
+        return denoise(self._model_fn(), x, seeds, plan, y=y, guidance=guidance, autocast=self._autocast,
                        check_finite=self.check_finite and self.device.type == "cpu", progress=progress)
 
     def _key(self, n, image_shape, sampler, steps, y, guidance, options) -> tuple:
@@ -239,18 +285,24 @@ def _describe(v) -> str:
 def generate(model: Model, schedule: NoiseSchedule, image_shape: tuple[int, int, int], n: int, *, seed: int = 0,
              sampler: str = "ddim", steps: int | None = None, classes: int | Sequence[int] | torch.Tensor | None = None,
              guidance: float = 1.0, num_classes: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
-             progress: bool = False, engine: bool = True, on_batch=None, **options) -> torch.Tensor | None:
+             progress: bool = False, engine: "bool | Engine" = True, runtime: str = "auto", int8: bool = False,
+             on_batch=None, **options) -> torch.Tensor | None:
     """n samples in [-1, 1] as (n, C, H, W) float32 on the CPU; image i uses seed + i.
 
     steps: default 50 for DDIM, T for DDPM; classes: one id for all images or one per image (needs
     num_classes); options: schedule.SAMPLER_OPTIONS[sampler]. engine=False runs the plain samplers
-    (`sampling.sample_ddpm/ddim`, the same loop without the engine's graphs and layouts).
+    (`sampling.sample_ddpm/ddim`, the same loop without the engine's graphs and layouts); an Engine instance
+    is used as it is (its runtime_info then says what ran); runtime, int8: of the Engine built otherwise.
     on_batch(start, images): called with each finished batch instead of keeping it, so any n runs in
     bounded memory; generate then returns None."""
     request = SampleRequest.checked(schedule, num_classes, n, sampler=sampler, steps=steps, seed=seed,
                                     classes=classes, guidance=guidance, **options)
     device = torch.device(device)
-    runner = Engine(model, schedule, device=device, channels_last=device.type == "cuda") if engine else None
+    if isinstance(engine, Engine):
+        runner = engine
+    else:
+        runner = Engine(model, schedule, device=device, channels_last=device.type == "cuda", runtime=runtime,
+                        int8=int8) if engine else None
     out = []
     batches = list(request.batches(batch_size))
     for start, count in tqdm(batches, desc=f"{sampler}-{request.steps}", disable=not progress or len(batches) == 1):

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-STEPS, ETAS, DDPM_STEPS, N = [10, 20, 50, 100, 1000], [0.0, 0.5, 1.0], [1000], 500
+STEPS, ETAS, DDPM_STEPS, N = [10, 20, 50, 100, 1000], [0.0, 0.5, 1.0], [1000], 297  # N: the held-out set
 QUICK_STEPS, QUICK_ETAS, QUICK_DDPM_STEPS, QUICK_N = [10, 20], [0.0, 1.0], [20], 64
 ONNX_STEPS, ONNX_ETA = 50, 0.0
 
@@ -45,10 +45,10 @@ def evaluate_all(a: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from . import __version__, metrics, ops
+    from . import __version__, distributed, metrics, ops
     from .checkpoint import BUNDLED_MODEL as BUNDLED
     from .checkpoint import load_model
-    from .engine import generate
+    from .engine import Engine, generate
     from .files import write_json
     from .images import grid, save_png
     from .machine import machine_info, pick_device
@@ -59,10 +59,24 @@ def evaluate_all(a: argparse.Namespace) -> None:
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {a.batch_size}")
     ckpt = a.ckpt or BUNDLED
-    if a.ckpt is None and not BUNDLED.exists():
-        raise FileNotFoundError(f"no --ckpt given and the bundled model {BUNDLED} is missing; pass --ckpt RUN_FOLDER")
-    model, schedule, _ = load_model(ckpt)
-    device = pick_device(a.device)
+    if getattr(a, "diffusers", None) is not None:  # an unconditional UNet2DModel folder (interop.diffusers)
+        from types import SimpleNamespace
+
+        from .interop.diffusers import load_diffusers
+
+        model, schedule, info = load_diffusers(a.diffusers)
+        ckpt, shape = a.diffusers, info["image_shape"]
+        cfg = SimpleNamespace(in_channels=shape[0], image_size=shape[1], num_classes=0)
+    else:
+        if a.ckpt is None and not BUNDLED.exists():
+            raise FileNotFoundError(f"no --ckpt given and the bundled model {BUNDLED} is missing; pass --ckpt "
+                                    "RUN_FOLDER")
+        model, schedule, _ = load_model(ckpt)
+        cfg = model.config
+        shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    device = distributed.init(pick_device(a.device))  # under torchrun: every rank samples its share of each row
+    if not distributed.is_main():
+        a.quiet = True  # one set of progress bars
     model = model.to(device)
     rows = table_rows(a, schedule.num_train_timesteps)
     onnx = {kind: open_onnx(path, flag) for kind, path, flag in
@@ -72,22 +86,34 @@ def evaluate_all(a: argparse.Namespace) -> None:
     if not rows:
         raise ValueError("nothing to evaluate: --steps/--etas and --ddpm-steps select no rows")
 
-    cfg = model.config
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     classes = torch.arange(n) % cfg.num_classes if cfg.num_classes else None  # balanced classes if conditional
     floor = metrics.real_floor(n)
     results = {"fastdiff": __version__, "torch": torch.__version__, "step_backend": ops.backend(),
-               "machine": machine_info(device), "ckpt": str(ckpt), "n": n, "seed": a.seed, "ddim_clipped_eps": a.clipped_eps,
+               "machine": machine_info(device), "runtime": Engine(model, schedule, device=device).runtime_info["runtime"],
+               "processes": distributed.world_size(), "ckpt": str(ckpt), "n": n, "seed": a.seed, "ddim_clipped_eps": not a.unclipped_eps,
                "reference": "load_digits(16, 'test'): 297 held-out digits",
                "classifier": {"path": str(metrics.CLASSIFIER), "test_accuracy": metrics.classifier_accuracy()},
                "floor": {"what": f"{floor['n']} real train digits vs the test digits", **floor}, "rows": []}
 
-    def sample(count: int, **kw) -> torch.Tensor:
-        return generate(model, schedule, shape, count, seed=a.seed, num_classes=cfg.num_classes,
-                        classes=None if classes is None else classes[:count], batch_size=a.batch_size, device=device,
-                        **kw)
+    def sample(count: int, **kw) -> torch.Tensor | None:
+        """count images; under torchrun each rank samples its batches and rank 0 gets them all (others: None)."""
+        return distributed.gather_shards(lambda lo, hi: generate(
+            model, schedule, shape, hi - lo, seed=a.seed + lo, num_classes=cfg.num_classes,
+            classes=None if classes is None else classes[lo:hi], batch_size=a.batch_size, device=device, **kw),
+            count, a.batch_size)
 
-    sample(min(n, a.batch_size), sampler="ddim", steps=1)  # warm-up, so that the first row's seconds are fair
+    def ddim_options(eta: float) -> dict:
+        return {"eta": eta} | ({"use_clipped_model_output": False} if a.unclipped_eps else {})
+
+    paired: dict[str, torch.Tensor] = {}
+
+    def reference_images() -> torch.Tensor:
+        """PyTorch fp32 DDIM-ONNX_STEPS η = ONNX_ETA with the same seeds: what every approximate path is paired with."""
+        if "ref" not in paired:
+            paired["ref"] = sample(n, sampler="ddim", steps=ONNX_STEPS, runtime="torch", **ddim_options(ONNX_ETA))
+        return paired["ref"]
+
+    sample(min(n, a.batch_size * distributed.world_size()), sampler="ddim", steps=1)  # warm-up, so that the first row's seconds are fair
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "grids").mkdir(exist_ok=True)
     bar = tqdm(rows, desc="eval", unit="row", disable=a.quiet, dynamic_ncols=True)
@@ -95,18 +121,36 @@ def evaluate_all(a: argparse.Namespace) -> None:
         bar.set_postfix_str(row["name"])
         start = time.perf_counter()
         if row["source"] == "torch":
-            options = {"eta": row["eta"], "use_clipped_model_output": a.clipped_eps} if row["sampler"] == "ddim" else {}
-            images = sample(n, sampler=row["sampler"], steps=row["steps"], progress=not a.quiet, **options)
+            images = sample(n, sampler=row["sampler"], steps=row["steps"], progress=not a.quiet,
+                            **(ddim_options(row["eta"]) if row["sampler"] == "ddim" else {}))
         else:
-            images = torch.from_numpy(onnx[row["source"]].sample(n, sampler="ddim", steps=ONNX_STEPS, seed=a.seed,
-                                                                 eta=ONNX_ETA, progress=not a.quiet))
-            images = images.float().clamp(-1, 1)
+            images = distributed.gather_shards(lambda lo, hi: torch.from_numpy(onnx[row["source"]].sample(
+                hi - lo, sampler="ddim", steps=ONNX_STEPS, seed=a.seed + lo, progress=not a.quiet,
+                classes=None if classes is None else classes[lo:hi].numpy(), **ddim_options(ONNX_ETA))), n, a.batch_size)
         seconds = time.perf_counter() - start
+        if row["source"] != "torch":
+            reference_images()  # sampled by every rank (a collective under torchrun), then cached
+        if images is None:  # another rank under torchrun: rank 0 scores and writes
+            continue
         grid_path = a.out / "grids" / f"{row['name']}.png"
         save_png(grid(images[:64], scale=4), grid_path)
         row.update(metrics.evaluate(images), seconds=round(seconds, 3), grid=str(grid_path))
+        if row["source"] != "torch":  # paired with the PyTorch fp32 images of the same seeds
+            row["paired"] = metrics.paired_fidelity(images, reference_images())
         results["rows"].append(row)
         write_json(a.out / "results.json", results)  # after every row, so a long run can be watched
+    if not distributed.is_main():
+        return
+    if a.nll:
+        from .data import load_digits
+        from .likelihood import bits_per_dim
+
+        test = load_digits(cfg.image_size, "test")
+        y = test.labels if cfg.num_classes else None
+        results["nll"] = bits_per_dim(model, schedule, test.images.to(device), y=None if y is None else y.to(device),
+                                      timesteps=min(a.nll_timesteps, schedule.num_train_timesteps - 1),
+                                      seed=a.seed, progress=not a.quiet)
+        write_json(a.out / "results.json", results)
     write_markdown(results, a.out / "results.md")
     plot(results, a.out / "fid_vs_steps.png")
     best = min(results["rows"], key=lambda r: r["fid"])
@@ -128,26 +172,42 @@ def write_markdown(results: dict, path: Path) -> None:
     columns = sorted({r["steps"] for r in rows})
     table: dict[str, dict[int, float]] = {}
     for r in rows:
-        table.setdefault(_label(r), {})[r["steps"]] = r["fid"]
+        lo, hi = r["fid_ci95"]
+        table.setdefault(_label(r), {})[r["steps"]] = f"{r['fid']:.2f} [{lo:.2f}, {hi:.2f}]"
     lines = [f"# FID vs sampling steps: {results['ckpt']}", "",
              f"n = {results['n']} samples per cell (seed {results['seed']}), FID (lower is better) against "
              f"{results['reference']}, in the 64-wide feature space of fastdiff's digits classifier (test accuracy "
              f"{results['classifier']['test_accuracy']:.1%}). torch {results['torch']}, {results['machine']['device']}"
-             f" ({results['machine']['gpu'] or results['machine']['cpu']}).", "",
+             f" ({results['machine']['gpu'] or results['machine']['cpu']}), engine runtime "
+             f"{results.get('runtime', 'torch')}.", "",
              "| | " + " | ".join(f"S = {s}" for s in columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, cells in table.items():
-        lines.append(f"| {label} | " + " | ".join(f"{cells[s]:.2f}" if s in cells else "–" for s in columns) + " |")
-    lines.append("| real vs real (floor) | " + " | ".join(f"{floor['fid']:.2f}" for _ in columns) + " |")
-    lines += ["", f"Floor: {floor['what']}: FID {floor['fid']:.2f}, KID {floor['kid_mean']:.4f} ± "
-              f"{floor['kid_std']:.4f}.", "", "| row | sampler | S | η | FID | KID | confident | seconds |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(f"| {label} | " + " | ".join(cells.get(s, "–") for s in columns) + " |")
+    flo, fhi = floor["fid_ci95"]
+    lines.append("| real vs real (floor) | " + " | ".join(f"{floor['fid']:.2f} [{flo:.2f}, {fhi:.2f}]"
+                                                         for _ in columns) + " |")
+    lines += ["", "FID [bootstrap 95 % interval: generated and reference features resampled with replacement, "
+              "200 rounds, percentiles shifted by the bootstrap's bias]. DDIM rows re-derive ε from the clamped x0" + (" — except in this run, which used "
+              "diffusers' semantics (--unclipped-eps)." if not results["ddim_clipped_eps"] else "."), "",
+              f"Floor: {floor['what']}: FID {floor['fid']:.2f}, KID {floor['kid_mean']:.4f} ± {floor['kid_std']:.4f}.",
+              "", "| row | sampler | S | η | FID [95 % CI] | KID | IS | confident | paired PSNR / max diff | seconds |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         eta = "–" if r["eta"] is None else f"{r['eta']:g}"
-        lines.append(f"| {r['name']} | {r['source']} {r['sampler']} | {r['steps']} | {eta} | {r['fid']:.2f} | "
-                     f"{r['kid_mean']:.4f} ± {r['kid_std']:.4f} | {r['confident']:.1%} | {r['seconds']:.1f} |")
-    lines += ["", "KID: unbiased polynomial-kernel MMD², mean ± std over random subsets. confident: share of samples "
-              "the classifier labels with softmax ≥ 0.8. seconds: wall time to sample the n images (after one "
-              "warm-up call; ONNX rows include their session's first run).", ""]
+        pair = f"{r['paired']['psnr_db']:.1f} dB / {r['paired']['max_abs_diff']:.3f}" if "paired" in r else "–"
+        lines.append(f"| {r['name']} | {r['source']} {r['sampler']} | {r['steps']} | {eta} | {r['fid']:.2f} "
+                     f"[{r['fid_ci95'][0]:.2f}, {r['fid_ci95'][1]:.2f}] | {r['kid_mean']:.4f} ± {r['kid_std']:.4f} | "
+                     f"{r['inception_score']:.2f} | {r['confident']:.1%} | {pair} | {r['seconds']:.1f} |")
+    if "nll" in results:
+        nll = results["nll"]
+        lines += ["", f"NLL of the {nll['n']} held-out digits: **{nll['bits_per_dim']:.3f} ± {nll['stderr']:.3f} "
+                  f"bits/dim** (variational bound, {nll['timesteps']} stratified timesteps, {nll['variance_type']} "
+                  f"variance; prior {nll['prior']:.4f}, decoder {nll['decoder']:.3f} bits/dim)."]
+    lines += ["", "KID: unbiased polynomial-kernel MMD², mean ± std over random subsets. IS: the Inception Score "
+              "computed with the digits classifier (1 to 10). confident: share of samples the classifier labels "
+              "with softmax ≥ 0.8. paired: the same seeds through PyTorch fp32 (DDIM-50 η = 0): PSNR and max abs "
+              "difference of the images in [-1, 1] (the reference runs on the eager torch runtime). seconds: wall time to sample the n images (after one warm-up "
+              "call; ONNX rows include their session's first run).", ""]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
 
 

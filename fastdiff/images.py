@@ -52,34 +52,64 @@ class SampleSet:
     """Writes one set of samples — out/<name>/NNNN.png, out/<name>_grid.png, out/<name>.json — batch by batch,
     in bounded memory. Images go to a hidden folder first; `close` writes the grid, swaps the folder in
     (replacing an older set of that name as a whole) and writes the sidecar last, so the sidecar always
-    describes exactly the files beside it. `abort` (or an exception inside `with`) leaves no new files."""
+    describes exactly the files beside it. `abort` (or an exception inside `with`) leaves no new files.
+
+    Several processes can write one set (fastdiff.distributed.SharedSampleSet): the owner makes the set as
+    usual and hands `folder_in_progress` to the others, who open `SampleSet(out, name, folder=that)` and
+    `add(images, start=...)` under global indices; the owner's `close(info, count=total)` publishes them all
+    (a joined set never publishes, aborts or cleans up: that is the owner's)."""
 
     GRID_IMAGES = 64
 
-    def __init__(self, out: Path, name: str, scale: int = 4):
+    def __init__(self, out: Path, name: str, scale: int = 4, folder: Path | None = None):
         self.out, self.name, self.scale = Path(out), check_name(name), scale
+        self.folder = self.out / self.name
+        self._grid: list[torch.Tensor] = []
+        self.count = 0
+        self.joined = folder is not None
+        if self.joined:
+            if not Path(folder).is_dir():
+                raise ValueError(f"{folder}: the shared sample folder is not visible here (is --out on a "
+                                 "file system every process shares?)")
+            self._tmp = Path(folder)
+            return
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out}: exists and is not a folder")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.folder = self.out / self.name
         for stale in self.out.glob(f".{self.name}.*.partial"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".partial", dir=self.out))
-        self._grid: list[torch.Tensor] = []
-        self.count = 0
 
-    def add(self, images: torch.Tensor) -> None:
-        for arr in to_uint8(images):
-            _pil(arr).save(self._tmp / f"{self.count:04d}.png", format="PNG")
+    @property
+    def folder_in_progress(self) -> Path:
+        """The hidden folder the images go to until `close`."""
+        return self._tmp
+
+    def add(self, images: torch.Tensor, start: int | None = None) -> None:
+        """Write images as NNNN.png, numbered on from the last add (or from `start`, their global index)."""
+        first = self.count if start is None else start
+        for i, arr in enumerate(to_uint8(images)):
+            _pil(arr).save(self._tmp / f"{first + i:04d}.png", format="PNG")
             self.count += 1
         room = self.GRID_IMAGES - sum(len(g) for g in self._grid)
         if room > 0:
             self._grid.append(images[:room].detach().cpu())
 
-    def close(self, info: dict) -> Path:
-        """Publish the set; returns the grid's path."""
+    def close(self, info: dict, count: int | None = None) -> Path:
+        """Publish the set; returns the grid's path. count: the total when other processes wrote into the
+        folder too (their files are checked to be there, and the grid is read back from the first files)."""
+        if self.joined:
+            raise ValueError("a joined SampleSet is published by its owner, not closed")
         grid_path = self.out / f"{self.name}_grid.png"
-        save_png(grid(torch.cat(self._grid), scale=self.scale), grid_path)
+        if count is None:
+            images = torch.cat(self._grid)
+        else:
+            missing = [f"{i:04d}.png" for i in range(count) if not (self._tmp / f"{i:04d}.png").exists()]
+            if missing:
+                raise RuntimeError(f"{len(missing)} of {count} sample files were not written (first {missing[0]})")
+            self.count = count
+            images = _read_pngs([self._tmp / f"{i:04d}.png" for i in range(min(count, self.GRID_IMAGES))])
+        save_png(grid(images, scale=self.scale), grid_path)
         old = self.out / f".{self.name}.{os.getpid()}.old"
         if self.folder.exists():
             os.rename(self.folder, old)
@@ -90,7 +120,8 @@ class SampleSet:
         return grid_path
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if not self.joined:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> "SampleSet":
         return self
@@ -98,6 +129,16 @@ class SampleSet:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or self._tmp.exists():
             self.abort()
+
+
+def _read_pngs(paths: list[Path]) -> torch.Tensor:
+    """PNG files written by SampleSet back as (N, C, H, W) in [-1, 1] (to_uint8 of them gives the same bytes)."""
+    arrays = []
+    for path in paths:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def save_samples(images: torch.Tensor, out: Path, info: dict, name: str, scale: int = 4) -> Path:

@@ -169,7 +169,8 @@ def real_floor(n: int | None = None, seed: int = 0) -> dict:
             raise ValueError(f"n must be >= 2; got {n}")
         train = train[np.random.default_rng(seed).permutation(len(train))[:n]]
     k_mean, k_std = kid(train, test)
-    return {"n": len(train), "fid": fid(train, test), "kid_mean": k_mean, "kid_std": k_std}
+    lo, hi = fid_interval(train, test, seed=seed)
+    return {"n": len(train), "fid": fid(train, test), "fid_ci95": [lo, hi], "kid_mean": k_mean, "kid_std": k_std}
 
 
 def classifier_accuracy() -> float:
@@ -185,11 +186,45 @@ def confident_fraction(images: torch.Tensor | np.ndarray, threshold: float = 0.8
     return float((probabilities(images).max(1) >= threshold).mean())
 
 
-def evaluate(images: torch.Tensor | np.ndarray, threshold: float = 0.8) -> dict:
-    """FID and KID against the held-out test digits, the confident fraction and the class histogram."""
+def fid_interval(feats_a: np.ndarray, feats_b: np.ndarray, rounds: int = 200, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Bootstrap confidence interval of fid(a, b): both sets resampled with replacement `rounds` times; the
+    percentiles are shifted by the bootstrap's bias (resampling duplicates samples, which inflates FID), so
+    the interval is centred on the estimate's own sampling spread."""
+    a, b = _check(feats_a, feats_b)
+    rng = np.random.default_rng(seed)
+    values = [fid(a[rng.integers(len(a), size=len(a))], b[rng.integers(len(b), size=len(b))]) for _ in range(rounds)]
+    bias = float(np.mean(values)) - fid(a, b)
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) - bias
+    return max(float(lo), 0.0), float(hi)
+
+
+def inception_score(probs: np.ndarray, eps: float = 1e-12) -> float:
+    """exp E_x KL(p(y|x) || p(y)) in the shipped classifier (1 ... 10 for 10 classes): high when each image is
+    one clear digit and the digits are balanced — the Inception Score with the digits classifier."""
+    p = np.asarray(probs, np.float64)
+    marginal = p.mean(0, keepdims=True)
+    return float(np.exp((p * (np.log(p + eps) - np.log(marginal + eps))).sum(1).mean()))
+
+
+def paired_fidelity(images: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> dict:
+    """Same seeds, two paths: PSNR (dB, peak-to-peak 2 for images in [-1, 1]) and the max abs difference."""
+    a = np.asarray(images, np.float64)
+    b = np.asarray(reference, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired images must have one shape; got {a.shape} and {b.shape}")
+    mse = float(((a - b) ** 2).mean())
+    return {"psnr_db": float("inf") if mse == 0 else float(10 * np.log10(4.0 / mse)),
+            "max_abs_diff": float(np.abs(a - b).max())}
+
+
+def evaluate(images: torch.Tensor | np.ndarray, threshold: float = 0.8, ci_rounds: int = 200) -> dict:
+    """FID (with a bootstrap 95 % interval) and KID against the held-out test digits, the Inception-Score
+    analog, the confident fraction and the class histogram."""
     probs = probabilities(images)
     feats, ref = features(images), real_features("test")
     k_mean, k_std = kid(feats, ref)
-    return {"n": len(feats), "fid": fid(feats, ref), "kid_mean": k_mean, "kid_std": k_std,
-            "confident": float((probs.max(1) >= threshold).mean()),
+    lo, hi = fid_interval(feats, ref, rounds=ci_rounds)
+    return {"n": len(feats), "fid": fid(feats, ref), "fid_ci95": [lo, hi], "kid_mean": k_mean, "kid_std": k_std,
+            "inception_score": inception_score(probs), "confident": float((probs.max(1) >= threshold).mean()),
             "class_histogram": np.bincount(probs.argmax(1), minlength=NUM_CLASSES).tolist()}

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from . import noise, reference
+from .multistep import MultistepCoefs
 from .schedule import StepCoefs
 
-__all__ = ["reverse_step", "reverse_step_reference", "initial_noise", "check_seeds", "backend"]
+__all__ = ["reverse_step", "reverse_step_reference", "multistep_step", "multistep_step_reference", "initial_noise",
+           "check_seeds", "backend", "cpu_isa"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # reverse_step(0, 0, seeds, INITIAL_NOISE_STEP, INITIAL_NOISE_COEFS) = 1·z: the normals of x_T.
@@ -40,6 +42,12 @@ def backend() -> str:
     return _BACKEND
 
 
+def cpu_isa() -> str:
+    """The CPU kernel's vector path: 'avx512', 'avx2' or 'scalar' (picked at load time, FASTDIFF_CPU_ISA to
+    force one), or 'reference' without the extension."""
+    return _C.cpu_isa() if _BACKEND == "extension" else "reference"
+
+
 def _warn_fallback() -> None:
     global _warned
     if not _warned:
@@ -56,7 +64,14 @@ if _BACKEND == "extension":
 
     @torch.library.register_fake("fastdiff::reverse_step")
     def _reverse_step_fake(x, model_output, seeds, step, a, b, clip_range, k_x0, k_x, k_m, sigma):
+        # Reached for fake/meta tensors, and for a meta tensor mixed with real ones: refuse the latter
+        # rather than hand back uninitialised memory on x's device.
         torch._check(x.shape == model_output.shape, lambda: "x and model_output must have the same shape")
+        torch._check(model_output.device == x.device and seeds.device == x.device,
+                     lambda: f"reverse_step: x, model_output and seeds must be on one device; got {x.device}, "
+                             f"{model_output.device}, {seeds.device}")
+        torch._check(model_output.dtype == x.dtype and seeds.dtype == torch.int64,
+                     lambda: "reverse_step: model_output must have x's dtype and seeds must be int64")
         return torch.empty_like(x, memory_format=_memory_format(x))
 
 
@@ -141,3 +156,59 @@ def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...],
 def _reference(x: torch.Tensor, m: torch.Tensor, seeds: torch.Tensor, step: int, coefs: StepCoefs) -> torch.Tensor:
     out = reference.apply_step(x.float(), m.float(), seeds, step, coefs)
     return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+# --- DPM-Solver++: torch.ops.fastdiff.multistep_step (csrc/multistep.*, docs/dpmpp.md) ----------------------
+# It returns (out, x0) as two new tensors rather than writing x0 into a caller's buffer: a functional op needs
+# no alias annotations, so register_fake, torch.compile and opcheck work as for reverse_step, and under CUDA-graph
+# capture both outputs come from the graph's private pool, i.e. they are static buffers by construction.
+if _BACKEND == "extension":
+
+    @torch.library.register_fake("fastdiff::multistep_step")
+    def _multistep_step_fake(x, model_output, x0_prev, seeds, step, a, b, clip_range, k_x0, k_prev, k_x, sigma):
+        torch._check(x.shape == model_output.shape and x.shape == x0_prev.shape,
+                     lambda: "multistep_step: x, model_output and x0_prev must have the same shape")
+        torch._check(model_output.device == x.device and x0_prev.device == x.device and seeds.device == x.device,
+                     lambda: "multistep_step: x, model_output, x0_prev and seeds must be on one device")
+        torch._check(model_output.dtype == x.dtype and x0_prev.dtype == x.dtype and seeds.dtype == torch.int64,
+                     lambda: "multistep_step: model_output and x0_prev must have x's dtype; seeds must be int64")
+        fmt = _memory_format(x)
+        return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, memory_format=fmt)
+
+
+def _validate_multistep(x: torch.Tensor, model_output: torch.Tensor, x0_prev: torch.Tensor, seeds: torch.Tensor,
+                        step: int, coefs: MultistepCoefs):
+    if not isinstance(coefs, MultistepCoefs):
+        raise ValueError(f"coefs must be a fastdiff.multistep.MultistepCoefs; got {type(coefs).__name__}")
+    x, model_output, _ = _validate(x, model_output, seeds, step, StepCoefs(*coefs))
+    if not isinstance(x0_prev, torch.Tensor):
+        raise ValueError(f"x0_prev must be a torch.Tensor; got {type(x0_prev).__name__}")
+    if x0_prev.shape != x.shape or x0_prev.dtype != x.dtype or x0_prev.device != x.device:
+        raise ValueError(f"x0_prev must match x ({x.dtype}, shape {tuple(x.shape)}, on {x.device}); got "
+                         f"{x0_prev.dtype}, shape {tuple(x0_prev.shape)}, on {x0_prev.device}")
+    x0_prev = x0_prev.contiguous(memory_format=_memory_format(x))
+    return x, model_output, x0_prev, MultistepCoefs(*(float(c) for c in coefs))
+
+
+def multistep_step(x: torch.Tensor, model_output: torch.Tensor, x0_prev: torch.Tensor, seeds: torch.Tensor, step: int,
+                   coefs: MultistepCoefs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused DPM-Solver++ step: (x_prev, x0), both with x's dtype, device and memory format; x0 (the clamped
+    data prediction of this step) is the next step's x0_prev."""
+    x, model_output, x0_prev, coefs = _validate_multistep(x, model_output, x0_prev, seeds, step, coefs)
+    if _BACKEND == "extension":
+        return torch.ops.fastdiff.multistep_step(x, model_output, x0_prev, seeds, int(step), *coefs)
+    _warn_fallback()
+    return _multistep_reference(x, model_output, x0_prev, seeds, int(step), coefs)
+
+
+def multistep_step_reference(x: torch.Tensor, model_output: torch.Tensor, x0_prev: torch.Tensor, seeds: torch.Tensor,
+                             step: int, coefs: MultistepCoefs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch twin of the multistep kernels: the same fp32 operations in the same order, the same noise."""
+    x, model_output, x0_prev, coefs = _validate_multistep(x, model_output, x0_prev, seeds, step, coefs)
+    return _multistep_reference(x, model_output, x0_prev, seeds, int(step), coefs)
+
+
+def _multistep_reference(x, m, x0_prev, seeds, step, coefs) -> tuple[torch.Tensor, torch.Tensor]:
+    out, x0 = reference.apply_multistep(x.float(), m.float(), x0_prev.float(), seeds, step, coefs)
+    fmt = _memory_format(x)
+    return out.to(x.dtype).contiguous(memory_format=fmt), x0.to(x.dtype).contiguous(memory_format=fmt)

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from . import noise
+from .multistep import MultistepCoefs
 from .schedule import StepCoefs
 
 
@@ -31,3 +32,17 @@ def apply_step(x, m, seeds, step: int, coefs: StepCoefs):
         numel = math.prod(x.shape[1:]) if x.shape[0] else 0
         out = out + sigma * noise.gaussian(seeds, step, numel).reshape(x.shape)
     return out
+
+
+def apply_multistep(x, m, x0_prev, seeds, step: int, coefs: MultistepCoefs):
+    """(out, x0) of one DPM-Solver++ step, the twin of csrc/multistep.h: x0 = clamp(a·x + b·m),
+    out = k_x0·x0 + k_prev·x0_prev + k_x·x + σ·z (the k_prev term only when k_prev != 0)."""
+    a, b, clip, k_x0, k_prev, k_x, sigma = (f32(c) for c in coefs)
+    x0 = a * x + b * m
+    if math.isfinite(coefs.clip_range):
+        x0 = noise.where(x0 < -clip, -clip, noise.where(x0 > clip, clip, x0))
+    out = k_x0 * x0 + k_prev * x0_prev + k_x * x if k_prev != 0.0 else k_x0 * x0 + k_x * x
+    if sigma != 0.0:
+        numel = math.prod(x.shape[1:]) if x.shape[0] else 0
+        out = out + sigma * noise.gaussian(seeds, step, numel).reshape(x.shape)
+    return out, x0

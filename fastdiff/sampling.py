@@ -1,4 +1,4 @@
-"""DDPM and DDIM samplers: flat functions with one signature; the model is any `model(x, t, y=None)`.
+"""DDPM, DDIM and DPM-Solver++ samplers: flat functions with one signature; the model is any `model(x, t, y=None)`.
 
 `denoise` is THE torch denoising loop: the plain samplers here and every runtime of fastdiff.engine run
 it (the torch-free ONNX runtime keeps a NumPy twin, fastdiff/export/runtime.py, held equal by its
@@ -15,10 +15,12 @@ import torch
 from tqdm import tqdm
 
 from . import ops
-from .schedule import NoiseSchedule, Step
+from .multistep import MultistepCoefs
+from .schedule import NoiseSchedule, Step, StepCoefs
 
 Model = Callable[..., torch.Tensor]
 StepFn = Callable[..., torch.Tensor]
+MultistepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def make_seeds(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -42,21 +44,37 @@ def guided_output(model: Model, x: torch.Tensor, t: int, y: torch.Tensor | None,
     return m_uncond + guidance * (m_cond - m_uncond)
 
 
+def advance(x: torch.Tensor, m: torch.Tensor, seeds: torch.Tensor, t: int, coefs: StepCoefs | MultistepCoefs,
+            x0_prev: torch.Tensor | None, step_fn: StepFn | None = None,
+            multistep_fn: MultistepFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One fused step of any sampler on the loop state (x, x0_prev) -> the next (x, x0_prev).
+
+    StepCoefs (DDPM/DDIM): ops.reverse_step, no extra state (None). MultistepCoefs (DPM-Solver++):
+    ops.multistep_step, whose x0 is the next step's x0_prev; before the first step x0_prev is zeros (a
+    first-order step has k_prev = 0 and does not read it)."""
+    if isinstance(coefs, MultistepCoefs):
+        if x0_prev is None:
+            x0_prev = torch.zeros_like(x)
+        return (multistep_fn or ops.multistep_step)(x, m, x0_prev, seeds, t, coefs)
+    return (step_fn or ops.reverse_step)(x, m, seeds, t, coefs), None
+
+
 def denoise(model: Model, x: torch.Tensor, seeds: torch.Tensor, steps: list[Step], *, y: torch.Tensor | None = None,
             guidance: float = 1.0, step_fn: StepFn | None = None, autocast: Callable[[], ContextManager] = nullcontext,
-            check_finite: bool = True, progress: bool = False) -> torch.Tensor:
-    """Run reverse steps from x = x_T: one model call and one fused step each.
+            check_finite: bool = True, progress: bool = False, multistep_fn: MultistepFn | None = None) -> torch.Tensor:
+    """Run reverse steps from x = x_T: one model call and one fused step each (`advance`: DDPM/DDIM carry x,
+    DPM-Solver++ carries x and the previous data prediction x0_prev).
 
     autocast: a context for the model call (the step and x keep x's dtype); check_finite: raise
     FloatingPointError when the model output holds NaN/inf (a host sync per step: the CUDA graph path
     turns it off and checks the result once)."""
-    step_fn = step_fn or ops.reverse_step
+    x0_prev = None
     for t, coefs in tqdm(steps, desc="sample", disable=not progress, leave=False, dynamic_ncols=True):
         with autocast():
             m = guided_output(model, x, t, y, guidance)
         if check_finite and not bool(torch.isfinite(m).all()):
             raise FloatingPointError(f"the model output holds NaN or inf at timestep {t}; check the weights and inputs")
-        x = step_fn(x, m.to(x.dtype), seeds, t, coefs)
+        x, x0_prev = advance(x, m.to(x.dtype), seeds, t, coefs, x0_prev, step_fn, multistep_fn)
     return x
 
 
@@ -77,4 +95,21 @@ def sample_ddim(model: Model, x: torch.Tensor, seeds: torch.Tensor, schedule: No
                    step_fn=step_fn, progress=progress)
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}
+def sample_dpmpp_2m(model: Model, x: torch.Tensor, seeds: torch.Tensor, schedule: NoiseSchedule, steps: int = 20, *,
+                    y: torch.Tensor | None = None, guidance: float = 1.0, progress: bool = False,
+                    **options) -> torch.Tensor:
+    """DPM-Solver++ 2M (deterministic) as diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++");
+    options: schedule.SAMPLER_OPTIONS['dpmpp-2m'] (solver_order, lower_order_final, final_sigmas_type, ...)."""
+    return denoise(model, x, seeds, schedule.reverse_steps("dpmpp-2m", steps, **options), y=y, guidance=guidance,
+                   progress=progress)
+
+
+def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, seeds: torch.Tensor, schedule: NoiseSchedule, steps: int = 20,
+                        *, y: torch.Tensor | None = None, guidance: float = 1.0, progress: bool = False,
+                        **options) -> torch.Tensor:
+    """DPM-Solver++ 2M-SDE (algorithm_type="sde-dpmsolver++"), its noise the Philox stream of (seed, t, element)."""
+    return denoise(model, x, seeds, schedule.reverse_steps("dpmpp-2m-sde", steps, **options), y=y, guidance=guidance,
+                   progress=progress)
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m, "dpmpp-2m-sde": sample_dpmpp_2m_sde}

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import numpy as np
+
+from . import multistep
+from .multistep import MultistepCoefs
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +29,10 @@ BETA_SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", *multistep.SAMPLERS)
+# fastdiff's beta_schedule -> diffusers' beta_schedule of the same betas.
+DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2",
+                            "sigmoid": "sigmoid"}
 MAX_TIMESTEPS = 100_000  # T beyond this is a typo, not a model: refused before any table is allocated
 
 # The options each sampler takes, with diffusers' defaults: the one list every entry point checks against.
@@ -35,6 +41,7 @@ SAMPLER_OPTIONS: dict[str, dict[str, object]] = {
              "clip_sample_range": 1.0},
     "ddim": {"eta": 0.0, "spacing": "leading", "steps_offset": 0, "clip_sample": True, "clip_sample_range": 1.0,
              "set_alpha_to_one": True, "use_clipped_model_output": False},
+    **{name: dict(multistep.OPTIONS) for name in multistep.SAMPLERS},  # DPM-Solver++ (fastdiff/multistep.py)
 }
 
 
@@ -52,7 +59,7 @@ class StepCoefs(NamedTuple):
 
 class Step(NamedTuple):
     t: int
-    coefs: StepCoefs
+    coefs: StepCoefs | MultistepCoefs  # MultistepCoefs: a DPM-Solver++ step (fastdiff.ops.multistep_step)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -85,6 +92,19 @@ def make_betas(kind: str, num_train_timesteps: int, beta_start: float = 1e-4, be
     return np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)], dtype=np.float64)
 
 
+def _trained_betas(values: Any, T: int) -> np.ndarray:
+    """diffusers' trained_betas as float64: one beta in (0, 1) per training timestep."""
+    try:
+        betas = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"trained_betas must be a list of numbers; got {type(values).__name__}") from None
+    if betas.ndim != 1 or len(betas) != T:
+        raise ValueError(f"trained_betas must hold one beta per training timestep ({T}); got shape {betas.shape}")
+    if not np.all((betas > 0) & (betas < 1)):
+        raise ValueError("trained_betas must all be in (0, 1)")
+    return betas
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The forward process a model was trained with; stored in every checkpoint's config."""
@@ -94,15 +114,45 @@ class NoiseSchedule:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction_type: str = "epsilon"
+    trained_betas: tuple[float, ...] | None = field(default=None, repr=False)  # given: these betas, beta_* ignored
 
     def __post_init__(self) -> None:
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        if self.trained_betas is not None:
+            betas = _trained_betas(self.trained_betas, self.num_train_timesteps)
+            object.__setattr__(self, "trained_betas", tuple(betas.tolist()))
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "alphas_cumprod", np.cumprod(1.0 - betas))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.trained_betas is None:  # so configs of computed schedules stay as they were
+            del d["trained_betas"]
+        else:
+            d["trained_betas"] = list(self.trained_betas)
+        return d
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+        """The training schedule of a diffusers scheduler config (DDPMScheduler / DDIMScheduler names and defaults)."""
+        c = dict(config)
+        if c.get("rescale_betas_zero_snr"):
+            raise ValueError("rescale_betas_zero_snr=True (zero terminal SNR) is not supported by fastdiff")
+        names = {v: k for k, v in DIFFUSERS_BETA_SCHEDULES.items()}
+        kind, trained = c.get("beta_schedule", "linear"), c.get("trained_betas")
+        if trained is None and kind not in names:
+            raise ValueError(f"beta_schedule {kind!r} is not supported; use one of {', '.join(names)} or trained_betas")
+        return cls(num_train_timesteps=c.get("num_train_timesteps", 1000), beta_schedule=names.get(kind, "linear"),
+                   beta_start=c.get("beta_start", 1e-4), beta_end=c.get("beta_end", 0.02),
+                   prediction_type=c.get("prediction_type", "epsilon"), trained_betas=trained)
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """This schedule as DDPMScheduler / DDIMScheduler arguments (the inverse of from_diffusers_config)."""
+        return {"num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "beta_schedule": DIFFUSERS_BETA_SCHEDULES[self.beta_schedule],
+                "trained_betas": None if self.trained_betas is None else list(self.trained_betas),
+                "prediction_type": self.prediction_type}
 
     # --- forward process -------------------------------------------------------------------------
     def _gather(self, t: "torch.Tensor", like: "torch.Tensor") -> "torch.Tensor":
@@ -154,57 +204,87 @@ class NoiseSchedule:
     def reverse_steps(self, sampler: str, num_steps: int, **options) -> list[Step]:
         """Every reverse step of a sampling run with its scalars, in the order they run.
 
-        options: those of SAMPLER_OPTIONS[sampler] (diffusers' names and defaults); any other is refused."""
-        _choice("sampler", sampler, SAMPLERS)
-        unknown = sorted(set(options) - set(SAMPLER_OPTIONS[sampler]))
-        if unknown:
-            raise ValueError(f"{', '.join(unknown)}: not an option of the {sampler} sampler; it takes "
-                             f"{', '.join(SAMPLER_OPTIONS[sampler])}")
-        o = {**SAMPLER_OPTIONS[sampler], **options}
-        eta, spacing, steps_offset = float(o.get("eta", 0.0)), o["spacing"], o["steps_offset"]
-        clip_sample, clip_sample_range = o["clip_sample"], float(o["clip_sample_range"])
-        variance_type = o.get("variance_type", "fixed_small")
-        set_alpha_to_one, use_clipped_model_output = o.get("set_alpha_to_one", True), o.get("use_clipped_model_output")
-        for name in ("clip_sample", "set_alpha_to_one", "use_clipped_model_output"):
-            if name in o and not isinstance(o[name], (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False; got {o[name]!r}")
-        if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
-            raise ValueError(f"steps_offset must be an integer >= 0; got {steps_offset!r}")
-        _choice("variance_type", variance_type, VARIANCE_TYPES)
-        if not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0; got {eta}")
-        if not clip_sample_range > 0:
-            raise ValueError(f"clip_sample_range must be > 0; got {clip_sample_range}")
-        T = self.num_train_timesteps
+        options: those of SAMPLER_OPTIONS[sampler] (diffusers' names and defaults); any other is refused.
+        DDIM steps from t to t - T//num_steps (DDIMScheduler, whatever the spacing); DDPM to the next
+        timestep of the run, or past the end after the last (DDPMScheduler.previous_timestep)."""
+        o = _sampler_options(sampler, options)
+        if sampler in multistep.SAMPLERS:
+            x0_coefs = lambda ac_t: self._x0_eps(ac_t)[:2]  # noqa: E731
+            return [Step(t, c) for t, c in multistep.plan(self.alphas_cumprod, x0_coefs, sampler, num_steps, o)]
+        ts = self.timesteps(num_steps, o["spacing"], o["steps_offset"])
+        stride = self.num_train_timesteps // num_steps
         ac = self.alphas_cumprod.tolist()
-        clip = clip_sample_range if clip_sample else math.inf
-        stride = T // num_steps if 0 < num_steps <= T else 0
         steps = []
-        for t in self.timesteps(num_steps, spacing, steps_offset):
-            prev = t - stride
-            ac_t = ac[t]
-            a, b, c, d = self._x0_eps(ac_t)
-            if sampler == "ddpm":
-                ac_prev = ac[prev] if prev >= 0 else 1.0
-                alpha = ac_t / ac_prev
-                beta = 1 - alpha
-                k_x0 = math.sqrt(ac_prev) * beta / (1 - ac_t)
-                k_x = math.sqrt(alpha) * (1 - ac_prev) / (1 - ac_t)
-                var = max((1 - ac_prev) / (1 - ac_t) * beta, 1e-20) if variance_type == "fixed_small" else beta
-                coefs = StepCoefs(a, b, clip, k_x0, k_x, 0.0, math.sqrt(var) if t > 0 else 0.0)
-            else:
-                ac_prev = ac[prev] if prev >= 0 else (1.0 if set_alpha_to_one else ac[0])
-                var = (1 - ac_prev) / (1 - ac_t) * (1 - ac_t / ac_prev)
-                sigma = eta * math.sqrt(var)
-                dir2 = 1 - ac_prev - sigma**2
-                if dir2 < -1e-12:
-                    raise ValueError(f"eta={eta} is too large: the DDIM direction term becomes imaginary at t={t}")
-                direction = math.sqrt(max(dir2, 0.0))
-                if use_clipped_model_output:  # ε re-derived from the clamped x0
-                    sb = math.sqrt(1 - ac_t)
-                    k_x0 = math.sqrt(ac_prev) - direction * math.sqrt(ac_t) / sb
-                    coefs = StepCoefs(a, b, clip, k_x0, direction / sb, 0.0, sigma)
-                else:
-                    coefs = StepCoefs(a, b, clip, math.sqrt(ac_prev), direction * c, direction * d, sigma)
-            steps.append(Step(t, coefs))
+        for i, t in enumerate(ts):
+            prev = t - stride if sampler == "ddim" else (ts[i + 1] if i + 1 < len(ts) else -1)
+            steps.append(Step(t, self._coefs(sampler, ac, t, prev, o)))
         return steps
+
+    def step_coefs(self, sampler: str, t: int, prev: int, **options) -> StepCoefs:
+        """The scalars of one reverse step from timestep t to prev (< 0: past the end), as reverse_steps makes
+        them; options: SAMPLER_OPTIONS[sampler] (spacing and steps_offset are not used here)."""
+        o = _sampler_options(sampler, options)
+        if sampler in multistep.SAMPLERS:
+            raise ValueError(f"sampler: {sampler} is a multistep solver (its steps depend on the run); use reverse_steps")
+        T = self.num_train_timesteps
+        for name, v in (("t", t), ("prev", prev)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer timestep; got {v!r}")
+        if not 0 <= t < T or prev >= t:
+            raise ValueError(f"need 0 <= t < {T} and prev < t; got t={t}, prev={prev}")
+        return self._coefs(sampler, self.alphas_cumprod.tolist(), int(t), int(prev), o)
+
+    def _coefs(self, sampler: str, ac: list[float], t: int, prev: int, o: dict) -> StepCoefs:
+        clip = o["clip_sample_range"] if o["clip_sample"] else math.inf
+        ac_t = ac[t]
+        a, b, c, d = self._x0_eps(ac_t)
+        if sampler == "ddpm":
+            ac_prev = ac[prev] if prev >= 0 else 1.0
+            alpha = ac_t / ac_prev
+            beta = 1 - alpha
+            k_x0 = math.sqrt(ac_prev) * beta / (1 - ac_t)
+            k_x = math.sqrt(alpha) * (1 - ac_prev) / (1 - ac_t)
+            var = max((1 - ac_prev) / (1 - ac_t) * beta, 1e-20) if o["variance_type"] == "fixed_small" else beta
+            return StepCoefs(a, b, clip, k_x0, k_x, 0.0, math.sqrt(var) if t > 0 else 0.0)
+        eta = o["eta"]
+        ac_prev = ac[prev] if prev >= 0 else (1.0 if o["set_alpha_to_one"] else ac[0])
+        var = (1 - ac_prev) / (1 - ac_t) * (1 - ac_t / ac_prev)
+        sigma = eta * math.sqrt(var)
+        dir2 = 1 - ac_prev - sigma**2
+        if dir2 < -1e-12:
+            raise ValueError(f"eta={eta} is too large: the DDIM direction term becomes imaginary at t={t}")
+        direction = math.sqrt(max(dir2, 0.0))
+        if o["use_clipped_model_output"]:  # ε re-derived from the clamped x0
+            sb = math.sqrt(1 - ac_t)
+            k_x0 = math.sqrt(ac_prev) - direction * math.sqrt(ac_t) / sb
+            return StepCoefs(a, b, clip, k_x0, direction / sb, 0.0, sigma)
+        return StepCoefs(a, b, clip, math.sqrt(ac_prev), direction * c, direction * d, sigma)
+
+
+def _sampler_options(sampler: str, options: dict) -> dict:
+    """options over SAMPLER_OPTIONS[sampler], each checked (ValueError naming the bad one)."""
+    _choice("sampler", sampler, SAMPLERS)
+    unknown = sorted(set(options) - set(SAMPLER_OPTIONS[sampler]))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not an option of the {sampler} sampler; it takes "
+                         f"{', '.join(SAMPLER_OPTIONS[sampler])}")
+    o = {**SAMPLER_OPTIONS[sampler], **options}
+    if sampler in multistep.SAMPLERS:
+        return multistep.check_options(o)
+    for name in ("clip_sample", "set_alpha_to_one", "use_clipped_model_output"):
+        if name in o and not isinstance(o[name], (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False; got {o[name]!r}")
+    steps_offset = o["steps_offset"]
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be an integer >= 0; got {steps_offset!r}")
+    _choice("spacing", o["spacing"], SPACINGS)
+    if sampler == "ddpm":
+        _choice("variance_type", o["variance_type"], VARIANCE_TYPES)
+    else:
+        o["eta"] = float(o["eta"])
+        if not math.isfinite(o["eta"]) or o["eta"] < 0:
+            raise ValueError(f"eta must be a finite number >= 0; got {o['eta']}")
+    o["clip_sample_range"] = float(o["clip_sample_range"])
+    if not o["clip_sample_range"] > 0:
+        raise ValueError(f"clip_sample_range must be > 0; got {o['clip_sample_range']}")
+    return o

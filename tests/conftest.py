@@ -56,6 +56,19 @@ def _no_leaked_torch_state(request):
                     "next tests. Restore it in the code or the test (try/finally).", pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory):
+    """The engine's ONNX export cache (fastdiff.runtimes) in a per-session folder, not ~/.cache/fastdiff."""
+    if os.environ.get("FASTDIFF_CACHE"):
+        yield
+        return
+    os.environ["FASTDIFF_CACHE"] = str(tmp_path_factory.mktemp("fastdiff-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("FASTDIFF_CACHE", None)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

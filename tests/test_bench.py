@@ -26,7 +26,7 @@ def test_bench_smoke_writes_results(tmp_path) -> None:
     result = json.loads((out / "results.json").read_text())
     assert {"cpu", "cpu_cores", "torch", "cuda", "device_name", "date"} <= set(result["machine"])
     sections = {r["section"] for r in result["rows"]}
-    assert sections == {"step", "peers", "e2e"}
+    assert sections == {"step", "model", "peers", "e2e"}
     measured = [r for r in result["rows"] if "median_s" in r]
     assert measured and all(r["median_s"] > 0 for r in measured)
     step = {r["impl"]: r for r in result["rows"] if r["section"] == "step"}

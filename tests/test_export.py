@@ -134,6 +134,8 @@ CASES = [
     ("uncond", dict(sampler="ddpm", steps=4, variance_type="fixed_large")),
     ("cond", dict(sampler="ddim", steps=4, classes=3, guidance=2.5, eta=0.5)),
     ("cond", dict(sampler="ddpm", steps=3, classes=[0, 1, 9, -1, 4], guidance=3.0, clip_sample=False)),
+    ("uncond", dict(sampler="dpmpp-2m", steps=5)),
+    ("cond", dict(sampler="dpmpp-2m-sde", steps=4, classes=2, guidance=2.0, final_sigmas_type="sigma_min")),
 ]
 
 

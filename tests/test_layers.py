@@ -21,13 +21,13 @@ MAX_LINES = 400
 # Lower number = lower layer; a module may import modules of its own layer or lower ones.
 # "x.*" covers the module or package x and everything under it. A new module gets its place here.
 LAYERS: dict[int, tuple[str, list[str]]] = {
-    0: ("core", ["fastdiff", "fastdiff.schedule", "fastdiff.noise", "fastdiff.nn.*", "fastdiff.data",
+    0: ("core", ["fastdiff", "fastdiff.schedule", "fastdiff.multistep", "fastdiff.noise", "fastdiff.nn.*", "fastdiff.data",
                  "fastdiff.files", "fastdiff.machine", "fastdiff.request", "fastdiff.images",
-                 "fastdiff.checkpoint"]),
+                 "fastdiff.checkpoint", "fastdiff.onnx_format", "fastdiff.onnx_export", "fastdiff.onnx_quant"]),
     1: ("ops", ["fastdiff.ops", "fastdiff.reference", "fastdiff._C"]),
     2: ("sampling", ["fastdiff.sampling"]),
-    3: ("engine", ["fastdiff.engine"]),
-    4: ("applications", ["fastdiff.train", "fastdiff.export.*", "fastdiff.metrics", "fastdiff.evaluate",
+    3: ("engine", ["fastdiff.engine", "fastdiff.runtimes"]),
+    4: ("applications", ["fastdiff.train", "fastdiff.export.*", "fastdiff.metrics", "fastdiff.likelihood", "fastdiff.evaluate",
                          "fastdiff.bench.*", "fastdiff.interop.*", "fastdiff.serve.*", "fastdiff.diffusers",
                          "fastdiff.distributed"]),
     5: ("cli", ["fastdiff.cli.*", "fastdiff.__main__"]),

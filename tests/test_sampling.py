@@ -106,3 +106,18 @@ def test_class_ids_out_of_range():
     model = UNet(TINY.__class__(**{**TINY.to_dict(), "num_classes": 10})).eval()
     with pytest.raises(ValueError, match="class id"):
         generate(model, NoiseSchedule(), SHAPE, 2, classes=10, num_classes=10, steps=5)
+
+
+def test_fastdiff_ddim_default_rederives_eps_from_the_clamped_x0():
+    """fastdiff's own default (generate, CLI, eval, server, ONNX runtime) is use_clipped_model_output=True when
+    x0 is clamped; diffusers' semantics stay one option away and remain the plain samplers' default."""
+    from fastdiff.request import SampleRequest
+
+    schedule = NoiseSchedule()
+    req = SampleRequest.checked(schedule, 0, 2, sampler="ddim", steps=10)
+    assert req.options["use_clipped_model_output"] is True
+    assert req.reverse_steps == schedule.reverse_steps("ddim", 10, use_clipped_model_output=True)
+    diffusers = SampleRequest.checked(schedule, 0, 2, sampler="ddim", steps=10, use_clipped_model_output=False)
+    assert diffusers.reverse_steps == schedule.reverse_steps("ddim", 10)
+    assert "use_clipped_model_output" not in SampleRequest.checked(schedule, 0, 2, sampler="ddpm").options
+    assert SampleRequest.checked(schedule, 0, 2, clip_sample=False).options == {"clip_sample": False}

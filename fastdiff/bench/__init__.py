@@ -6,7 +6,9 @@ Sections
          (separate tensor ops + torch.randn) vs torch.compile of that eager step, beside the
          device-to-device copy of the same size (the roofline: bytes that must move = read x and m,
          write out = 3 tensors; GB/s over the copy's GB/s is the fraction of copy bandwidth).
-  peers  one network, one set of weights: the fastdiff Engine vs the eager loop (our U-Net +
+  model  one forward of the network: eager torch vs the engine's ONNX Runtime model, fp32 and INT8 (CPU).
+  peers  one network, one set of weights: the fastdiff Engine (each runtime: auto = cuda-graph / ort,
+         torch, int8) vs the torch-free ONNX sampler (fp32, INT8) vs the eager loop (our U-Net +
          diffusers-style step) vs torch.compile(mode="max-autotune") of that loop vs diffusers'
          DDIMPipeline/DDPMPipeline with a UNet2DModel of the same architecture and the same weights.
   e2e    the Engine over DDPM-1000 and DDIM-{10,20,50,100}, batch {1,16,128}, cifar-ddpm and digits.
@@ -22,19 +24,19 @@ from __future__ import annotations
 
 from ..interop.diffusers import diffusers_available, diffusers_scheduler_kwargs, to_diffusers_unet
 from .baselines import alpha_table, compiled_step, diffusers_ddim_step, diffusers_ddpm_step, eager_loop
-from .cases import Case, e2e_case, run_case, step_case, step_coefs_example, step_shape
-from .constants import DTYPE_NAMES, KIB, MIB, NETS, PEER_IMPLS, SECTIONS, STEP_IMPLS
-from .models import get_compiled, get_engine, get_model, get_pipeline, image_shape
+from .cases import Case, e2e_case, model_case, run_case, step_case, step_coefs_example, step_shape
+from .constants import DTYPE_NAMES, KIB, MIB, MODEL_IMPLS, NETS, PEER_IMPLS, SECTIONS, STEP_IMPLS
+from .models import get_compiled, get_engine, get_model, get_onnx_sampler, get_ort_model, get_pipeline, image_shape
 from .report import add_derived, markdown, targets, write_markdown, write_plots, write_results
 from .runner import default_out, describe_machine, run_bench
 from .suite import Suite, make_suite
 from .timing import calibrate_inner, measure, sync
 
 __all__ = [
-    "Case", "DTYPE_NAMES", "KIB", "MIB", "NETS", "PEER_IMPLS", "SECTIONS", "STEP_IMPLS", "Suite", "add_derived",
+    "Case", "DTYPE_NAMES", "KIB", "MIB", "MODEL_IMPLS", "NETS", "PEER_IMPLS", "SECTIONS", "STEP_IMPLS", "Suite", "add_derived",
     "alpha_table", "calibrate_inner", "compiled_step", "default_out", "describe_machine",
     "diffusers_available", "diffusers_ddim_step", "diffusers_ddpm_step", "diffusers_scheduler_kwargs", "e2e_case",
-    "eager_loop", "get_compiled", "get_engine", "get_model", "get_pipeline", "image_shape", "make_suite", "markdown",
-    "measure", "run_bench", "run_case", "step_case", "step_coefs_example", "step_shape", "sync", "targets",
+    "eager_loop", "get_compiled", "get_engine", "get_model", "get_onnx_sampler", "get_ort_model", "get_pipeline", "image_shape", "make_suite", "markdown",
+    "measure", "model_case", "run_bench", "run_case", "step_case", "step_coefs_example", "step_shape", "sync", "targets",
     "to_diffusers_unet", "write_markdown", "write_plots", "write_results",
 ]

@@ -2,6 +2,7 @@
 of results.json that timing one gives."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -13,8 +14,9 @@ from ..interop.diffusers import diffusers_available
 from ..sampling import make_seeds
 from ..schedule import NoiseSchedule, StepCoefs
 from .baselines import alpha_table, compiled_step, diffusers_ddim_step, eager_loop
-from .constants import DTYPE_NAMES, PEER_IMPLS, STEP_IMPLS
-from .models import get_compiled, get_engine, get_model, get_pipeline, image_shape
+from .constants import DTYPE_NAMES, MODEL_IMPLS, PEER_IMPLS, STEP_IMPLS
+from .models import (get_compiled, get_engine, get_model, get_onnx_sampler, get_ort_model, get_pipeline,
+                     image_shape)
 from .timing import calibrate_inner, measure, sync
 
 
@@ -92,14 +94,23 @@ def e2e_case(impl: str, net: str, batch: int, sampler: str, steps: int, device: 
         dtype = "bf16" if impl == "engine-bf16" else "fp32"
         if dtype == "bf16" and device.type == "cpu":
             return Case("e2e", params, skip="bf16 autocast is a GPU row")
-        engine = get_engine(net, dev, dtype)
+        if impl == "engine-int8" and device.type == "cuda":
+            return Case("e2e", params, skip="the INT8 ONNX runtime is a CPU row")
+        engine = get_engine(net, dev, dtype, runtime="torch" if impl == "engine-torch" else "auto",
+                            int8=impl == "engine-int8")
         seeds = make_seeds(0, batch, device)
 
         def run_engine() -> torch.Tensor:
             seeds.add_(batch)  # new seeds each call: new samples from the same graph
             return engine.sample(seeds, shape, sampler, steps, **options)
 
-        return Case("e2e", params, run_engine, info={"graphs": engine.use_graphs})
+        return Case("e2e", params, run_engine, info={"graphs": engine.use_graphs, "runtime": engine.runtime})
+    if impl in ("ort-fp32", "ort-int8"):
+        if device.type == "cuda":
+            return Case("e2e", params, skip="the torch-free ONNX sampler rows are CPU rows")
+        onnx = get_onnx_sampler(net, impl == "ort-int8")
+        return Case("e2e", params, lambda: onnx.sample(batch, sampler=sampler, steps=steps, batch_size=batch, **options),
+                    info={"runtime": "onnxruntime (torch-free sampler, NumPy step)"})
     if impl == "eager":
         model = get_model(net, dev)
         return Case("e2e", params, lambda: eager_loop(model, NoiseSchedule(), batch, shape, sampler, steps, device))
@@ -116,6 +127,21 @@ def e2e_case(impl: str, net: str, batch: int, sampler: str, steps: int, device: 
     pipe, diff = get_pipeline(net, dev, sampler)
     return Case("e2e", params, lambda: pipe(batch_size=batch, num_inference_steps=steps, output_type="np", **options),
                 info={"diffusers": version, "weights": "copied from the fastdiff U-Net", "unet_max_abs_diff": diff})
+
+
+def model_case(impl: str, net: str, batch: int, device: torch.device | str) -> Case:
+    """One forward of the network at timestep 500: eager torch, or the engine's ORT model (fp32 / INT8)."""
+    device = torch.device(device)
+    params = {"impl": impl, "net": net, "batch": batch}
+    if impl not in MODEL_IMPLS:
+        raise ValueError(f"impl must be one of {MODEL_IMPLS}; got {impl!r}")
+    if device.type == "cuda" and (impl != "torch" or not torch.cuda.is_available()):
+        return Case("model", params, skip="ONNX Runtime rows are CPU rows" if impl != "torch" else "no CUDA device")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *image_shape(net)), generator=g).to(device)
+    t = torch.full((batch,), 500, dtype=torch.long, device=device)
+    model = get_model(net, str(device)) if impl == "torch" else get_ort_model(net, impl == "ort-int8")
+    return Case("model", params, lambda: model(x, t))
 
 
 def run_case(case: Case, device: torch.device, **timing: Any) -> dict:
@@ -140,5 +166,7 @@ def run_case(case: Case, device: torch.device, **timing: Any) -> dict:
         row["gbps"] = case.bytes / r["median_s"] / 1e9
     if case.section != "step":
         row["latency_ms"] = r["median_s"] * 1e3
+        row["best_ms"] = r["min_s"] * 1e3
         row["images_per_s"] = case.params["batch"] / r["median_s"]
+    row["load_avg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return row

@@ -6,9 +6,13 @@ import torch
 KIB, MIB = 1 << 10, 1 << 20
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STEP_IMPLS = ("fused", "eager", "compile", "copy")
-PEER_IMPLS = ("engine", "engine-bf16", "eager", "compile", "diffusers")
+# engine: runtime "auto" (cuda-graph on CUDA, ort on the CPU); engine-torch / engine-int8: the eager torch and
+# the INT8 ONNX runtime of the Engine; ort-fp32 / ort-int8: the torch-free ONNX sampler (fastdiff.export.runtime)
+PEER_IMPLS = ("engine", "engine-bf16", "engine-torch", "engine-int8", "ort-fp32", "ort-int8", "eager", "compile",
+              "diffusers")
+MODEL_IMPLS = ("torch", "ort-fp32", "ort-int8")  # one forward of the network (the model section)
 NETS = ("cifar-ddpm", "digits")
-SECTIONS = ("step", "peers", "e2e")
+SECTIONS = ("step", "model", "peers", "e2e")
 
 
 def fmt_size(n: int) -> str:

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import runtimes
 from ..engine import Engine
 from ..interop.diffusers import to_diffusers_pipeline
 from ..nn.unet import UNet, preset
@@ -30,12 +31,35 @@ def image_shape(net: str) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def get_engine(net: str, device: str, dtype_name: str = "fp32") -> Engine:
+def get_engine(net: str, device: str, dtype_name: str = "fp32", runtime: str = "auto", int8: bool = False) -> Engine:
     """The Engine over get_model's weights; channels_last on CUDA (tensor cores like NHWC; on the CPU it
-    measured no gain for these nets)."""
+    measured no gain for these nets, and the ort runtime reads NCHW)."""
     dev = torch.device(device)
     model = get_model(net, device) if dev.type == "cpu" else _private_model(net, device)
-    return Engine(model, NoiseSchedule(), device=dev, dtype=DTYPE_NAMES[dtype_name], channels_last=dev.type == "cuda")
+    return Engine(model, NoiseSchedule(), device=dev, dtype=DTYPE_NAMES[dtype_name], channels_last=dev.type == "cuda",
+                  runtime=runtime, int8=int8)
+
+
+@functools.lru_cache(maxsize=None)
+def onnx_path(net: str, int8: bool = False) -> Any:
+    """The ONNX file of get_model's weights (the engine's cached export; int8: its INT8 file)."""
+    model = get_model(net, "cpu")
+    fp32 = runtimes.onnx_file(model, NoiseSchedule())
+    return runtimes.int8_file(model, NoiseSchedule(), fp32, torch.get_num_threads()) if int8 else fp32
+
+
+@functools.lru_cache(maxsize=None)
+def get_onnx_sampler(net: str, int8: bool = False) -> Any:
+    """The torch-free ONNX sampler (fastdiff.export.runtime.OnnxSampler) over onnx_path's file, on the CPU."""
+    from ..export.runtime import OnnxSampler
+
+    return OnnxSampler(onnx_path(net, int8), providers=["CPUExecutionProvider"])
+
+
+@functools.lru_cache(maxsize=None)
+def get_ort_model(net: str, int8: bool = False, threads: int = 0) -> runtimes.OrtModel:
+    """The engine's ORT model callable over onnx_path's file (threads 0: torch's thread count)."""
+    return runtimes.OrtModel(onnx_path(net, int8), threads or torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=None)

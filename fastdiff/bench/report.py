@@ -23,6 +23,13 @@ def add_derived(rows: list[dict]) -> None:
         key = (r.get("net"), r.get("batch"), r.get("sampler"), r.get("steps"))
         if r["section"] == "peers" and "median_s" in r and key in engine:
             r["engine_speedup"] = r["median_s"] / engine[key]
+    model = {(r["net"], r["batch"], r["impl"]): r["median_s"] for r in rows if r["section"] == "model" and "median_s" in r}
+    for r in rows:
+        if r["section"] == "model" and "median_s" in r:
+            if (r["net"], r["batch"], "torch") in model:
+                r["vs_torch"] = model[(r["net"], r["batch"], "torch")] / r["median_s"]
+            if r["impl"] == "ort-int8" and (r["net"], r["batch"], "ort-fp32") in model:
+                r["vs_ort_fp32"] = model[(r["net"], r["batch"], "ort-fp32")] / r["median_s"]
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -42,11 +49,27 @@ def targets(rows: list[dict]) -> list[dict]:
                 return r
         return None
 
-    for impl, goal, text in (("diffusers", 3.0, "engine >= 3x diffusers DDIMPipeline (cifar-ddpm, batch 1, DDIM-50)"),
-                             ("compile", 1.2, "engine >= 1.2x torch.compile(max-autotune) eager loop (cifar-ddpm, b1, DDIM-50)")):
+    for impl, goal, text in (("diffusers", 3.0, "(H100) engine >= 3x diffusers DDIMPipeline (cifar-ddpm, batch 1, DDIM-50)"),
+                             ("compile", 1.2, "(H100) engine >= 1.2x torch.compile(max-autotune) eager loop (cifar-ddpm, b1, DDIM-50)")):
         r = peer(impl)
         if r and "engine_speedup" in r:
             out.append({"target": text, "value": r["engine_speedup"], "met": r["engine_speedup"] >= goal, "detail": ""})
+    for batch, goal in ((1, 5.0), (64, 2.0)):  # issue 14: the CPU targets
+        r = peer("diffusers", "digits", batch, "ddim", 50)
+        if r and "engine_speedup" in r:
+            out.append({"target": f"(CPU) engine >= {goal:g}x diffusers DDIMPipeline (digits, batch {batch}, DDIM-50)",
+                        "value": r["engine_speedup"], "met": r["engine_speedup"] >= goal, "detail": ""})
+    step1m = {r["impl"]: r["median_s"] for r in rows if r["section"] == "step" and r.get("numel") == MIB
+              and r.get("dtype") == "fp32" and "median_s" in r}
+    if "fused" in step1m and "eager" in step1m:
+        v = step1m["eager"] / step1m["fused"]
+        out.append({"target": "(CPU) fused step >= 10x diffusers' DDIMScheduler.step (1M fp32, eta=1, clip)", "value": v,
+                    "met": v >= 10, "detail": ""})
+    for r in rows:
+        if (r["section"], r.get("impl"), r.get("net"), r.get("batch")) == ("model", "ort-int8", "cifar-ddpm", 16) \
+                and "vs_ort_fp32" in r:
+            out.append({"target": "(CPU) INT8 >= 1.5x ORT fp32 (cifar-ddpm, batch 16, one forward)",
+                        "value": r["vs_ort_fp32"], "met": r["vs_ort_fp32"] >= 1.5, "detail": ""})
     e2e = {(r["net"], r["batch"], r["sampler"], r["steps"]): r["median_s"] for r in rows
            if r["section"] == "e2e" and r["impl"] == "engine" and "median_s" in r}
     for (net, batch, s, n), v in sorted(e2e.items()):
@@ -64,11 +87,13 @@ def markdown(result: dict) -> str:
     lines = [f"# fastdiff bench ({result['mode']}) — {m['device_name']}", "",
              f"{m['date']} · {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads) · ISA {isa}"
              f" · torch {m['torch']} · CUDA {m['cuda']} · step backend {m['step_backend']}"
-             f" · diffusers {m['diffusers'] or 'not installed'} · load average at start {m.get('load_average')}", ""]
+             f" · step CPU path {m.get('step_cpu_isa', '?')} · onnxruntime {m.get('onnxruntime') or 'not installed'}"
+             f" · diffusers {m['diffusers'] or 'not installed'} · load average at start {m.get('load_average')}"
+             f", at the end {m.get('load_average_end')}", ""]
     lines += [f"- {n}" for n in result.get("notes", [])] + [""]
     tg = result.get("targets") or []
     if tg:
-        lines += ["## Targets (set for H100)", "", "| target | value | met |", "|---|---:|:---:|"]
+        lines += ["## Targets", "", "| target | value | met |", "|---|---:|:---:|"]
         lines += [f"| {t['target']} {t['detail']} | {t['value']:.2f} | {'yes' if t['met'] else 'no'} |" for t in tg]
         lines.append("")
     step = [r for r in rows if r["section"] == "step"]
@@ -84,20 +109,35 @@ def markdown(result: dict) -> str:
             lines.append(f"| {fmt_size(r['numel'])} | {r['dtype']} | {r['impl']} | {r['median_s'] * 1e6:.1f} | "
                          f"{r['gbps']:.1f} | {frac} |")
         lines.append("")
+    mr = [r for r in rows if r["section"] == "model"]
+    if mr:
+        lines += ["## (m) One forward of the network", "", "torch = eager; ort-fp32 / ort-int8 = the engine's ONNX Runtime "
+                  "model (IOBinding).", "", "| net | batch | impl | latency (ms) | best (ms) | vs torch | int8 vs ort-fp32 |"
+                  " load |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+        for r in mr:
+            head = f"| {r['net']} | {r['batch']} | {r['impl']} |"
+            if "skipped" in r or "error" in r:
+                lines.append(f"{head} {r.get('skipped') or r.get('error')} | | | | |")
+                continue
+            vt = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ""
+            vo = f"{r['vs_ort_fp32']:.2f}x" if "vs_ort_fp32" in r else ""
+            lines.append(f"{head} {r['latency_ms']:.2f} | {r['best_ms']:.2f} | {vt} | {vo} | {r.get('load_avg_1m') or 0:.1f} |")
+        lines.append("")
     for sec, title in (("peers", "(c) Peers: same network, same weights"), ("e2e", "(b) End to end: the engine")):
         sr = [r for r in rows if r["section"] == sec]
         if not sr:
             continue
         extra = " engine speed-up |" if sec == "peers" else ""
-        lines += [f"## {title}", "", f"| net | batch | sampler | impl | latency (ms) | images/s | first call (s) |{extra}",
-                  "|---|---:|---|---|---:|---:|---:|" + ("---:|" if sec == "peers" else "")]
+        lines += [f"## {title}", "", f"| net | batch | sampler | impl | latency (ms) | best (ms) | images/s | first call (s) "
+                  f"|{extra} load |", "|---|---:|---|---|---:|---:|---:|---:|" + ("---:|" if sec == "peers" else "") + "---:|"]
         for r in sr:
             head = f"| {r['net']} | {r['batch']} | {r['sampler']}-{r['steps']} | {r['impl']} |"
             if "skipped" in r or "error" in r:
-                lines.append(f"{head} {r.get('skipped') or r.get('error')} | | |" + (" |" if sec == "peers" else ""))
+                lines.append(f"{head} {r.get('skipped') or r.get('error')} | | | | |" + (" |" if sec == "peers" else ""))
                 continue
-            sp = f" {r['engine_speedup']:.2f}x |" if sec == "peers" else ""
-            lines.append(f"{head} {r['latency_ms']:.1f} | {r['images_per_s']:.2f} | {r.get('first_call_s', 0):.1f} |{sp}")
+            sp = f" {r['engine_speedup']:.2f}x |" if sec == "peers" and "engine_speedup" in r else (" |" if sec == "peers" else "")
+            lines.append(f"{head} {r['latency_ms']:.1f} | {r.get('best_ms', r['latency_ms']):.1f} | {r['images_per_s']:.2f} | "
+                         f"{r.get('first_call_s', 0):.1f} |{sp} {r.get('load_avg_1m') or 0:.1f} |")
         lines.append("")
     return "\n".join(lines)
 

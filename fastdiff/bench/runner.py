@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import os
 import subprocess
 import time
 import warnings
@@ -14,9 +15,9 @@ import torch
 from .. import ops
 from ..interop.diffusers import diffusers_available
 from ..machine import device_slug, machine_info
-from .cases import e2e_case, run_case, step_case
+from .cases import e2e_case, model_case, run_case, step_case
 from .constants import SECTIONS
-from .models import get_model, image_shape
+from .models import get_model, get_ort_model, image_shape
 from .report import write_results
 from .suite import Suite, make_suite
 from .timing import sync
@@ -27,10 +28,20 @@ Job = tuple[str, dict]  # (section, the case's parameters)
 def describe_machine(device: torch.device) -> dict:
     """fastdiff.machine.machine_info plus what a benchmark also depends on: the step backend, diffusers'
     version and (GPU) the NVIDIA driver."""
-    info = {**machine_info(device), "step_backend": ops.backend(), "diffusers": diffusers_available()}
+    info = {**machine_info(device), "step_backend": ops.backend(), "step_cpu_isa": ops.cpu_isa(),
+            "diffusers": diffusers_available(), "onnxruntime": _onnxruntime()}
     if device.type == "cuda":
         info["driver"] = _nvidia_driver()
     return info
+
+
+def _onnxruntime() -> str | None:
+    try:
+        import onnxruntime
+
+        return onnxruntime.__version__
+    except ImportError:
+        return None
 
 
 def _nvidia_driver() -> str | None:
@@ -51,6 +62,8 @@ def _jobs(suite: Suite, sections: list[str]) -> list[Job]:
     if "step" in sections:
         jobs += [("step", {"impl": i, "numel": n, "dtype": d}) for d in suite.step_dtypes for n in suite.step_sizes
                  for i in suite.step_impls]
+    if "model" in sections:
+        jobs += [("model", {"impl": i, "net": net, "batch": b}) for net, b in suite.model for i in suite.model_impls]
     if "peers" in sections:
         jobs += [("peers", {"impl": i, "net": net, "batch": b, "sampler": s, "steps": n})
                  for net, b, s, n in suite.peers for i in suite.peer_impls]
@@ -64,19 +77,24 @@ def _priority(section: str, p: dict) -> int:
     """Run order: the step, then the cases the targets need (so a --time-budget keeps them), then the rest."""
     if section == "step":
         return 0
+    if section == "model":
+        return 1 if p["net"] == "cifar-ddpm" and p["batch"] == 16 else 2
     if p["net"] == "cifar-ddpm" and p["batch"] == 1 and (p["sampler"], p["steps"]) in (("ddim", 50), ("ddpm", 1000)):
         return 1
+    if p["net"] == "digits" and p["batch"] in (1, 64) and (p["sampler"], p["steps"]) == ("ddim", 50):
+        return 1  # the CPU targets: engine vs diffusers
     if section == "e2e" and (p["sampler"], p["steps"]) in (("ddim", 50), ("ddpm", 1000)):
         return 2
     return 3
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_s(net: str, batch: int, device: str) -> float:
-    """Seconds of one model call (for the cost estimate; CPU: from batch 1, scaled by batch)."""
+def _forward_s(net: str, batch: int, device: str, kind: str = "torch") -> float:
+    """Seconds of one model call (for the cost estimate; CPU: from batch 1, scaled by batch); kind: torch,
+    ort-fp32 or ort-int8 (the runtime the case runs)."""
     dev = torch.device(device)
     b = 1 if dev.type == "cpu" else batch
-    model = get_model(net, device)
+    model = get_model(net, device) if kind == "torch" else get_ort_model(net, kind == "ort-int8")
     x = torch.randn((b, *image_shape(net)), device=dev)
     t = torch.full((b,), 500, device=dev)
     with torch.inference_mode():
@@ -88,12 +106,31 @@ def _forward_s(net: str, batch: int, device: str) -> float:
     return (time.perf_counter() - t0) * (batch / b)
 
 
+def _kind(impl: str, device: torch.device) -> str:
+    """Which network runtime an e2e/peer/model case runs (for its cost estimate)."""
+    if device.type == "cuda" or impl in ("engine-torch", "engine-bf16", "eager", "compile", "diffusers", "torch"):
+        return "torch"
+    return "ort-int8" if impl in ("engine-int8", "ort-int8") else "ort-fp32"
+
+
 def _notes(mode: str, device: torch.device, suite: Suite) -> list[str]:
     notes = []
     if device.type == "cpu":
         notes.append("CPU run: time.perf_counter timing; CUDA graphs and bf16 autocast rows are GPU-only.")
     if mode != "full":
         notes.append("torch.compile rows are skipped in --quick (compile time); run --full for them.")
+    elif device.type == "cpu":
+        notes.append("torch.compile peer rows are GPU rows (max-autotune compile time on a small CPU exceeds a case's "
+                     "budget); the step section keeps its compiled step.")
+    if device.type == "cpu":
+        notes.append("Runtimes: engine = Engine(runtime='auto') = ONNX Runtime model + fused torch step; engine-torch = "
+                     "the eager torch model + fused step; engine-int8 = the INT8 ONNX model; ort-fp32/ort-int8 = the "
+                     "torch-free ONNX sampler (fastdiff.export.runtime: NumPy step); model = one forward alone.")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if load > 0.5 * (os.cpu_count() or 1):
+            notes.append(f"LOAD: the 1-minute load average was {load:.1f} on {os.cpu_count()} cores at the start: other "
+                         "jobs shared the CPU, so medians are inflated; 'best' (the fastest run) is the least disturbed "
+                         "figure, and each row records the load average when it finished.")
     if "diffusers" in suite.peer_impls and diffusers_available() is None:
         notes.append("diffusers is not installed: the DDIMPipeline/DDPMPipeline rows are skipped (pip install -e .[bench]).")
     elif "diffusers" in suite.peer_impls:
@@ -107,7 +144,14 @@ def _run_job(section: str, params: dict, mode: str, suite: Suite, device: torch.
     """The row of one job, or a row saying why it was skipped."""
     if section == "step":
         return run_case(step_case(params["impl"], params["numel"], params["dtype"], device), device, **suite.step_timing)
-    est = _forward_s(params["net"], params["batch"], str(device)) * params["steps"] * (2 + suite.e2e_timing["min_runs"])
+    forward = _forward_s(params["net"], params["batch"], str(device), _kind(params["impl"], device))
+    if section == "model":
+        est = forward * (1 + suite.model_timing["warmup"] + suite.model_timing["min_runs"])
+        if est > suite.case_budget_s:
+            return {"section": section, **params, "skipped": f"estimated {est:.0f} s > {suite.case_budget_s:.0f} s"}
+        return run_case(model_case(params["impl"], params["net"], params["batch"], device), device,
+                        **suite.model_timing)
+    est = forward * params["steps"] * (2 + suite.e2e_timing["min_runs"])
     if params["impl"] in ("compile",) and mode != "full":
         return {"section": section, **params, "skipped": "torch.compile: --full only"}
     if est > suite.case_budget_s:
@@ -144,6 +188,7 @@ def _run(mode: str, device: torch.device, out: Path, sections: tuple[str, ...], 
 
     suite = make_suite(mode, device)
     result = {"mode": mode, "machine": describe_machine(device), "notes": _notes(mode, device, suite), "rows": []}
+    result["machine"]["load_average_start"] = result["machine"].get("load_average")
     jobs = _jobs(suite, list(sections))
     start = time.perf_counter()
     bar = tqdm(jobs, desc=f"bench {mode}", disable=not progress, dynamic_ncols=True)
@@ -164,5 +209,6 @@ def _run(mode: str, device: torch.device, out: Path, sections: tuple[str, ...], 
             warnings.warn(f"bench case {section} {params} failed: {row['error']}", RuntimeWarning, stacklevel=1)
         result["rows"].append(row)
     result["total_s"] = time.perf_counter() - start
+    result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     write_results(out, result, plots=plots)
     return out

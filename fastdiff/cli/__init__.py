@@ -2,7 +2,8 @@
 
 Every expected failure — a bad argument, a missing or unreadable file, a full disk, a model that
 produces NaN — ends in one line `fastdiff <command>: error: ...` and exit status 2; Ctrl-C in one line
-and status 130; a closed stdout (`fastdiff info | head -c0`) silently.
+and status 130; a closed stdout (`fastdiff info | head -c0`) silently. Under torchrun the line names the
+rank (`fastdiff train: error: rank 1: ...`), and a lost peer or a timed-out collective says so.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import argparse
 import os
 import sys
 
-from . import bench, evaluate, export, info, quantize, sample, train
+from .. import distributed
+from . import bench, evaluate, export, info, quantize, sample, serve, train
 
-COMMANDS = (train, sample, info, export, quantize, evaluate, bench)
+COMMANDS = (train, sample, info, export, quantize, evaluate, bench, serve)
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 
 
@@ -35,14 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
+        distributed.shutdown()  # leave torchrun's process group, if the command joined one
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away: nothing to say, and nothing more to say it to
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print(f"\nfastdiff {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\nfastdiff {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as e:
-        print(f"fastdiff {args.command}: error: {_message(e)}", file=sys.stderr)
+        print(f"fastdiff {args.command}: error: {distributed.explain(e, _message(e))}", file=sys.stderr)
         return 2
     return 0

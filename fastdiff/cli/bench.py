@@ -8,7 +8,7 @@ from pathlib import Path
 from ..machine import pick_device
 from .common import add_device, add_quiet
 
-SECTIONS = ("step", "peers", "e2e")
+SECTIONS = ("step", "model", "peers", "e2e")
 
 
 def add(sub) -> None:

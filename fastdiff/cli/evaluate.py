@@ -31,9 +31,13 @@ def add(sub) -> None:
                                    "each row by FID / KID against held-out real digits in the feature space of the "
                                    "shipped digits classifier. Writes results.json, results.md, fid_vs_steps.png and "
                                    "a grid PNG per row.")
-    add_ckpt(p)
+    src = p.add_mutually_exclusive_group()
+    add_ckpt(src)
+    src.add_argument("--diffusers", type=Path, metavar="FOLDER",
+                     help="evaluate a diffusers folder's unconditional UNet2DModel (save_pretrained layout, safetensors) "
+                          "instead of a checkpoint")
     p.add_argument("--out", type=Path, default=Path("eval"), help="output folder (default: eval)")
-    p.add_argument("--n", type=int, help=f"samples per row (default: {N}; {QUICK_N} with --quick)")
+    p.add_argument("-n", "--n", "--count", dest="n", type=int, help=f"samples per row (default: {N}; {QUICK_N} with --quick)")
     p.add_argument("--quick", action="store_true",
                    help=f"CI size: n={QUICK_N}, S in {QUICK_STEPS}, eta in {QUICK_ETAS}, DDPM-{QUICK_DDPM_STEPS[0]}")
     p.add_argument("--steps", type=_ints, help=f"DDIM steps S, comma-separated (default: {','.join(map(str, STEPS))})")
@@ -41,8 +45,13 @@ def add(sub) -> None:
     p.add_argument("--ddpm-steps", type=_ints, help="DDPM steps, comma-separated; '' for none (default: 1000)")
     p.add_argument("--onnx", type=Path, help=f"also score this exported FP32 ONNX model (DDIM-{ONNX_STEPS}, eta 0)")
     p.add_argument("--onnx-int8", type=Path, help=f"also score this INT8 ONNX model (DDIM-{ONNX_STEPS}, eta 0)")
-    p.add_argument("--clipped-eps", action="store_true",
-                   help="DDIM rows re-derive ε from the clipped x0 (diffusers' use_clipped_model_output)")
+    p.add_argument("--unclipped-eps", action="store_true",
+                   help="DDIM rows use the model's ε as is when x0 is clamped (diffusers' default semantics); by "
+                        "default ε is re-derived from the clamped x0")
+    p.add_argument("--nll", action="store_true", help="also the NLL of the held-out digits in bits/dim (DDPM's "
+                   "variational bound with a discretised Gaussian decoder)")
+    p.add_argument("--nll-timesteps", type=int, default=200,
+                   help="timesteps of the bound's sum to evaluate, stratified (T-1 = all; default: 200)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i in every row (default: 0)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     add_device(p)
@@ -50,7 +59,6 @@ def add(sub) -> None:
                    "much faster when other jobs share the cores)")
     add_quiet(p)
     p.set_defaults(run=run)
-
 
 
 def run(a: argparse.Namespace) -> None:

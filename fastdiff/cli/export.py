@@ -1,4 +1,5 @@
-"""`fastdiff export`: a checkpoint's EMA denoiser to one ONNX file."""
+"""`fastdiff export`: a checkpoint's EMA denoiser (or a diffusers folder's UNet2DModel) to one ONNX file, or a
+checkpoint to a diffusers folder (--format diffusers)."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,20 @@ from .common import add_ckpt
 
 
 def add(sub) -> None:
-    p = sub.add_parser("export", help="export a checkpoint's EMA denoiser to ONNX",
-                       description="Export the EMA denoiser to one ONNX file (dynamic batch, fastdiff metadata).")
-    add_ckpt(p)
-    p.add_argument("--out", type=Path, required=True, help="ONNX file to write (e.g. model.onnx)")
+    p = sub.add_parser("export", help="export a checkpoint's EMA denoiser to ONNX or to a diffusers folder",
+                       description="Export the EMA denoiser to one ONNX file (dynamic batch, fastdiff metadata); "
+                                   "--diffusers FOLDER exports a diffusers UNet2DModel instead; --format diffusers "
+                                   "writes the checkpoint as a folder DDPMPipeline.from_pretrained loads.")
+    src = p.add_mutually_exclusive_group()
+    add_ckpt(src)
+    src.add_argument("--diffusers", type=Path, metavar="FOLDER",
+                     help="export this diffusers folder's unconditional UNet2DModel (save_pretrained layout, "
+                          "safetensors) to ONNX")
+    p.add_argument("--format", choices=("onnx", "diffusers"), default="onnx",
+                   help="onnx: one ONNX file (default); diffusers: a DDPMPipeline folder (unet/ + scheduler/, "
+                        "safetensors), written atomically")
+    p.add_argument("--out", type=Path, required=True, help="ONNX file to write (e.g. model.onnx), or the folder "
+                   "for --format diffusers")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: 17)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and activations with float32 inputs/outputs "
                    "(for GPUs)")
@@ -20,9 +31,34 @@ def add(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> None:
-    from ..export.onnx import export_onnx
+    if a.format == "diffusers":
+        return _to_diffusers(a)
+    from ..export.onnx import export_model, export_onnx
 
+    if a.diffusers:
+        from ..interop.diffusers import load_diffusers
+
+        model, schedule, _ = load_diffusers(a.diffusers)
+        out = export_model(model, schedule, a.out, opset=a.opset, fp16=a.fp16)
+        print(f"exported {a.diffusers} → {out} ({out.stat().st_size / 1e6:.2f} MB, opset {a.opset}, "
+              f"{'fp16' if a.fp16 else 'fp32'})")
+        return
     ckpt = a.ckpt or BUNDLED_MODEL
     out = export_onnx(ckpt, a.out, opset=a.opset, fp16=a.fp16)
     print(f"exported {ckpt} → {out} ({out.stat().st_size / 1e6:.2f} MB, opset {a.opset}, "
           f"{'fp16' if a.fp16 else 'fp32'})")
+
+
+def _to_diffusers(a: argparse.Namespace) -> None:
+    from ..checkpoint import load_model
+    from ..interop.diffusers import save_diffusers
+
+    if a.diffusers:
+        raise ValueError("--format diffusers writes a fastdiff checkpoint (--ckpt) as a diffusers folder; "
+                         f"--diffusers {a.diffusers} is one already")
+    if a.fp16 or a.opset != 17:
+        raise ValueError("--opset and --fp16 apply to --format onnx only")
+    ckpt = a.ckpt or BUNDLED_MODEL
+    model, schedule, _ = load_model(ckpt)
+    out = save_diffusers(model, schedule, a.out, source=str(ckpt))
+    print(f"exported {ckpt} → {out}/ (diffusers DDPMPipeline: model_index.json, unet/, scheduler/; safetensors)")

@@ -1,4 +1,4 @@
-"""`fastdiff info`: version, step backend, torch, CUDA and the device."""
+"""`fastdiff info`: version, step backend (and its CPU ISA path), torch, CUDA, the device and the default runtime."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import torch
 from .. import __version__, ops
 from ..checkpoint import BUNDLED_MODEL
 from ..machine import cpu_isa
+from ..runtimes import default_runtime
 
 
 def add(sub) -> None:
@@ -20,5 +21,7 @@ def run(a: argparse.Namespace) -> None:
     info = {"fastdiff": __version__, "step_backend": ops.backend(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "cpu_threads": torch.get_num_threads(), "cpu_isa": cpu_isa(), "bundled_model": str(BUNDLED_MODEL) if BUNDLED_MODEL.exists() else None}
+            "cpu_threads": torch.get_num_threads(), "cpu_isa": cpu_isa(), "step_cpu_isa": ops.cpu_isa(),
+            "default_runtime": default_runtime("cuda" if torch.cuda.is_available() else "cpu"),
+            "bundled_model": str(BUNDLED_MODEL) if BUNDLED_MODEL.exists() else None}
     print(json.dumps(info, indent=2))

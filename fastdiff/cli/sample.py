@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .. import ops
+from .. import distributed, ops
 from ..checkpoint import BUNDLED_MODEL, load_model
-from ..engine import generate
-from ..images import SampleSet, check_name
+from ..engine import Engine, generate
+from ..images import check_name
 from ..machine import pick_device
 from ..request import SampleRequest, check_int, default_steps
+from ..runtimes import RUNTIMES
 from .common import add_device, add_quiet, add_sampler_options, sampler_options
 
 
@@ -22,9 +24,14 @@ def add(sub) -> None:
                                    "Batches are written as they finish, so any --n runs in bounded memory.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", type=Path, help="run folder or checkpoint file (default: the shipped digits model)")
+    src.add_argument("--diffusers", type=Path, metavar="FOLDER",
+                     help="a diffusers folder as save_pretrained writes it (unet/ + scheduler/, safetensors) holding "
+                          "an unconditional UNet2DModel; its scheduler config gives steps_offset, set_alpha_to_one, "
+                          "clip_sample_range and clip_sample=False, the flags the rest")
     src.add_argument("--onnx", type=Path, help="sample from an exported ONNX model with the torch-free runtime")
     add_sampler_options(p)
-    p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    p.add_argument("-n", "--count", "--n", dest="n", type=int, default=64,
+                   help="number of images (default: 64); under torchrun spell it -n or --count")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i; seeds are int64 (default: 0)")
     p.add_argument("--class", dest="class_id", type=int, help="class id for class-conditional models")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default: 1 = none)")
@@ -33,6 +40,10 @@ def add(sub) -> None:
     p.add_argument("--name", help="file name stem (default: <sampler>-<steps>); an existing set of that name is "
                                   "replaced as a whole")
     add_device(p)
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="how the engine runs the model: auto (cuda-graph on CUDA, ort on the CPU), ort (ONNX Runtime, "
+                        "the model exported once and cached), torch (eager) or cuda-graph (default: auto)")
+    p.add_argument("--int8", action="store_true", help="run the INT8 ONNX model (quantized once, cached; CPU, ort)")
     add_quiet(p)
     p.set_defaults(run=run)
 
@@ -42,35 +53,58 @@ def run(a: argparse.Namespace) -> None:
     if a.name is not None:
         check_name(a.name)
     start = time.time()
+    if a.onnx and (a.runtime != "auto" or a.int8):
+        raise ValueError("--runtime and --int8 choose how a checkpoint runs; --onnx runs that file with onnxruntime")
     if a.onnx:
         from ..export.runtime import OnnxSampler
 
         runner = OnnxSampler(a.onnx)
         steps = a.steps if a.steps is not None else default_steps(a.sampler, runner.num_train_timesteps)
         source, backend, device = str(a.onnx), f"onnxruntime ({runner.provider})", "onnxruntime"
+        num_classes = runner.num_classes
+    elif a.diffusers:
+        from ..interop.diffusers import folder_options, load_diffusers
+
+        model, schedule, folder = load_diffusers(a.diffusers)
+        options = folder_options(folder, a.sampler, options)
+        device = pick_device(a.device)
+        steps = a.steps if a.steps is not None else default_steps(a.sampler, schedule.num_train_timesteps)
+        source, backend, shape, num_classes = str(a.diffusers), ops.backend(), folder["image_shape"], 0
     else:
         ckpt = a.ckpt or BUNDLED_MODEL
         model, schedule, _ = load_model(ckpt)
         device = pick_device(a.device)
         steps = a.steps if a.steps is not None else default_steps(a.sampler, schedule.num_train_timesteps)
         source, backend = str(ckpt), ops.backend()
-    num_classes = runner.num_classes if a.onnx else model.config.num_classes
+        shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+        num_classes = model.config.num_classes
+    joined = distributed.init("cpu" if a.onnx else device)  # under torchrun: join its group; this rank's device
+    device = device if a.onnx else joined
     SampleRequest.checked(runner.schedule if a.onnx else schedule, num_classes, a.n, sampler=a.sampler, steps=steps,
                           seed=a.seed, classes=a.class_id, guidance=a.guidance, **options)  # before any file
     check_int("--batch-size", a.batch_size, 1)
     name = a.name or f"{a.sampler}-{steps}"
-    with SampleSet(a.out, name) as samples:
-        kwargs = dict(seed=a.seed, sampler=a.sampler, steps=steps, classes=a.class_id, guidance=a.guidance,
-                      batch_size=a.batch_size, progress=not a.quiet, **options)
-        if a.onnx:
-            runner.sample(a.n, on_batch=lambda _, images: samples.add(torch.from_numpy(images)), **kwargs)
-        else:
-            shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
-            generate(model, schedule, shape, a.n, num_classes=num_classes, device=device,
-                     on_batch=lambda _, images: samples.add(images), **kwargs)
+    lo, hi = distributed.batch_share(a.n, a.batch_size)  # this rank's images: whole batches of one process's run
+    if distributed.is_main() and distributed.idle_ranks(a.n, a.batch_size):
+        print(f"fastdiff sample: note: {distributed.idle_ranks(a.n, a.batch_size)} process(es) get no batch of "
+              f"--batch-size {a.batch_size}; lower it to use them", file=sys.stderr)
+    with distributed.SharedSampleSet(a.out, name) as samples:
+        kwargs = dict(seed=a.seed + lo, sampler=a.sampler, steps=steps, classes=a.class_id, guidance=a.guidance,
+                      batch_size=a.batch_size, progress=not a.quiet and distributed.is_main(), **options)
+        if hi > lo and a.onnx:
+            runner.sample(hi - lo, on_batch=lambda s, images: samples.add(torch.from_numpy(images), lo + s), **kwargs)
+        elif hi > lo:
+            engine = Engine(model, schedule, device=device, channels_last=device.type == "cuda", runtime=a.runtime,
+                            int8=a.int8)
+            generate(model, schedule, shape, hi - lo, num_classes=num_classes, device=device, engine=engine,
+                     on_batch=lambda s, images: samples.add(images, lo + s), **kwargs)
+            runtime = {k: engine.runtime_info[k] for k in ("runtime", "precision")}
         seconds = time.time() - start
         info = {"source": source, "sampler": a.sampler, "steps": steps, "seed": a.seed, "class": a.class_id,
                 "guidance": a.guidance, "backend": backend, "device": str(device), "seconds": round(seconds, 2),
+                **(runtime if a.onnx is None and hi > lo else {"runtime": "onnxruntime" if a.onnx else None}),
                 **options}
-        grid = samples.close(info)
+        grid = samples.close(info, a.n)
+    if not distributed.is_main():
+        return
     print(f"{a.n} images in {seconds:.1f} s → {a.out / name}/, grid {grid}")

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
+import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from .. import distributed
+from ..files import FolderLock, ensure_writable, remove_stale_temps
 from ..machine import pick_device
 from ..nn.unet import PRESETS
 from ..schedule import BETA_SCHEDULES, NoiseSchedule
@@ -27,7 +33,8 @@ def add(sub) -> None:
     p.add_argument("--class-cond", action="store_true", help="condition on class labels (enables --guidance when sampling)")
     p.add_argument("--label-dropout", type=float, default=0.1, help="share of labels dropped to the null class (default: 0.1)")
     p.add_argument("--image-size", type=int, help="override the preset's image size")
-    p.add_argument("--batch-size", type=int, default=64, help="default: 64")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="the global batch: under torchrun it is split across the processes (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up (default: 1e-3)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
@@ -48,25 +55,59 @@ def run(a: argparse.Namespace) -> None:
     from ..nn.unet import preset
     from ..train import TrainConfig, Trainer, write_summary
 
-    overrides = {"image_size": a.image_size} if a.image_size else {}
+    if a.image_size is not None and not 4 <= a.image_size <= 1024:
+        raise ValueError(f"--image-size must be in [4, 1024]; got {a.image_size}")
+    overrides = {"image_size": a.image_size} if a.image_size is not None else {}
     cfg = preset(a.preset, **overrides)
-    data = load_data(a.data, cfg.image_size, cfg.in_channels)
-    if a.class_cond:
-        if not data.num_classes:
-            raise ValueError(f"--class-cond: the data {a.data!r} has no labels")
-        cfg = preset(a.preset, **overrides, num_classes=data.num_classes)
     schedule = NoiseSchedule(num_train_timesteps=a.timesteps, beta_schedule=a.schedule,
                              prediction_type=PREDICTIONS[a.prediction])
     tc = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
                      grad_clip=a.grad_clip, ema_decay=a.ema_decay, amp=a.amp, hflip=a.hflip,
                      label_dropout=a.label_dropout, seed=a.seed, ckpt_every=a.ckpt_every)
-    trainer = Trainer(data, cfg, schedule, tc, a.out, pick_device(a.device), data_source=a.data)
-    if a.resume:
-        trainer.resume()
-    elif (a.out / "checkpoint.safetensors").exists():
+    if not a.resume and (a.out / "checkpoint.safetensors").exists():
         raise ValueError(f"{a.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    start = time.time()
-    losses = trainer.fit(progress=not a.quiet)
-    write_summary(a.out, losses, time.time() - start)
-    print(f"trained {trainer.step} steps in {time.time() - start:.0f} s, final loss {sum(losses[-100:]) / len(losses[-100:]):.4f}"
-          f" → {a.out}")
+    data = load_data(a.data, cfg.image_size, cfg.in_channels)
+    if a.class_cond:
+        if not data.num_classes:
+            raise ValueError(f"--class-cond: the data {a.data!r} has no labels")
+        cfg = preset(a.preset, **overrides, num_classes=data.num_classes)
+    device = distributed.init(pick_device(a.device))  # joins torchrun's process group, if launched by it
+    is_main = distributed.is_main()
+    if is_main:
+        ensure_writable(a.out)  # now, not at the first checkpoint 500 steps in
+    with FolderLock(a.out) if is_main else nullcontext():
+        if is_main:
+            remove_stale_temps(a.out)  # debris of a killed run
+        trainer = Trainer(data, cfg, schedule, tc, a.out, device, data_source=a.data)
+        if a.resume:
+            trainer.resume()
+        start = time.time()
+        with _stop_on_signals(trainer):
+            losses = trainer.fit(progress=not a.quiet)
+        if trainer.stopping and trainer.step < tc.steps:
+            resume = " ".join(shlex.quote(x) for x in ["fastdiff", *sys.argv[1:]] + ([] if a.resume else ["--resume"]))
+            if distributed.world_size() > 1:
+                resume = f"the same torchrun command with: {resume}"
+            raise KeyboardInterrupt(f"checkpoint saved at step {trainer.step} of {tc.steps}; continue with: {resume}")
+        if not is_main:
+            return
+        write_summary(a.out, losses, time.time() - start)
+    print(f"trained {trainer.step} steps in {time.time() - start:.0f} s, final loss "
+          f"{sum(losses[-100:]) / len(losses[-100:]):.4f} → {a.out}")
+
+
+@contextmanager
+def _stop_on_signals(trainer):
+    """Ctrl-C / SIGTERM ask the trainer to stop after the current step (with a checkpoint); a second Ctrl-C
+    interrupts at once."""
+    def ask(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,7 +1,4 @@
-"""The fastdiff ONNX file format: the metadata_props keys an exported denoiser carries (written by onnx.py,
-read by the torch-free runtime.py)."""
-FORMAT, FORMAT_VERSION = "fastdiff-denoiser", "1"
-KEY_FORMAT, KEY_FORMAT_VERSION, KEY_VERSION = "fastdiff.format", "fastdiff.format_version", "fastdiff.version"
-KEY_SCHEDULE, KEY_SHAPE, KEY_CLASSES = "fastdiff.schedule", "fastdiff.image_shape", "fastdiff.num_classes"
-KEY_PRECISION, KEY_MODEL = "fastdiff.precision", "fastdiff.model_config"
-REQUIRED_KEYS = (KEY_FORMAT_VERSION, KEY_VERSION, KEY_SCHEDULE, KEY_SHAPE, KEY_CLASSES)
+"""The fastdiff ONNX file format keys (defined in fastdiff.onnx_format, a lower layer the engine's runtimes
+share; re-exported here for the export package)."""
+from ..onnx_format import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_FORMAT_VERSION,  # noqa: F401
+                           KEY_MODEL, KEY_PRECISION, KEY_SCHEDULE, KEY_SHAPE, KEY_VERSION, REQUIRED_KEYS)

@@ -1,4 +1,5 @@
-"""Export a checkpoint's EMA denoiser to one self-describing ONNX file.
+"""Export a checkpoint's EMA denoiser to one self-describing ONNX file (the export itself, export_model, lives in
+fastdiff.onnx_export, a lower layer shared with the engine's ONNX Runtime runtime; re-exported here).
 
 Graph: inputs ``x`` float32 [B, C, H, W], ``t`` int64 [B] and, for class-conditional models only,
 ``y`` int64 [B] (class ids, -1 = null class); output ``out`` float32 [B, C, H, W]; the batch axis
@@ -12,92 +13,10 @@ on a small CPU. If a future torch drops it, ``exporter="dynamo"`` (external_data
 """
 from __future__ import annotations
 
-import copy
-import io
-import json
-import tempfile
-import warnings
 from pathlib import Path
 
-import onnx
-import torch
-
-from .. import __version__
 from ..checkpoint import load_model
-from ..files import atomic_write
-from ..nn.unet import UNet
-from ..schedule import NoiseSchedule
-from .metadata import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_MODEL, KEY_PRECISION,
-                      KEY_SCHEDULE, KEY_SHAPE, KEY_VERSION)
-
-MIN_OPSET = 17
-TWO_GB = 2**31
-
-
-class _Denoiser(torch.nn.Module):
-    """UNet with a fixed signature for export; casts to the weights' dtype inside the graph."""
-
-    def __init__(self, model: UNet, conditional: bool, dtype: torch.dtype):
-        super().__init__()
-        model = copy.deepcopy(model) if dtype != torch.float32 else model  # never cast the caller's model
-        self.model, self.conditional, self.dtype = model.to(dtype), conditional, dtype
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(x.to(self.dtype), t, y if self.conditional else None).to(torch.float32)
-
-
-def metadata(model: UNet, schedule: NoiseSchedule, precision: str) -> dict[str, str]:
-    c = model.config
-    return {KEY_FORMAT: FORMAT, KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_VERSION: __version__,
-            KEY_SCHEDULE: json.dumps(schedule.to_dict()), KEY_SHAPE: json.dumps([c.in_channels, c.image_size, c.image_size]),
-            KEY_CLASSES: str(c.num_classes), KEY_PRECISION: precision, KEY_MODEL: json.dumps(c.to_dict())}
-
-
-def _trace(wrapper: torch.nn.Module, args: tuple, names: list[str], opset: int, exporter: str) -> onnx.ModelProto:
-    if exporter == "torchscript":
-        buf = io.BytesIO()
-        axes = {n: {0: "batch"} for n in [*names, "out"]}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(wrapper, args, buf, input_names=names, output_names=["out"], opset_version=opset,
-                              dynamic_axes=axes, do_constant_folding=True, dynamo=False)
-        return onnx.load_from_string(buf.getvalue())
-    batch = torch.export.Dim("batch", min=1)
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = Path(d) / "model.onnx"
-        torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["out"], opset_version=opset,
-                          dynamic_shapes={n: {0: batch} for n in names}, external_data=False, dynamo=True,
-                          verbose=False)
-        return onnx.load(str(path))
-
-
-def export_model(model: UNet, schedule: NoiseSchedule, out: Path | str, *, opset: int = MIN_OPSET, fp16: bool = False,
-                 exporter: str = "torchscript") -> Path:
-    """Write model (any UNet) to out as a single checked ONNX file with fastdiff metadata."""
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset must be an integer >= {MIN_OPSET}; got {opset!r}")
-    if exporter not in ("torchscript", "dynamo"):
-        raise ValueError(f"exporter must be 'torchscript' or 'dynamo'; got {exporter!r}")
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"out must be a file path (e.g. model.onnx); {out} is a folder")
-    c = model.config
-    conditional = c.num_classes > 0
-    wrapper = _Denoiser(model.eval().cpu(), conditional, torch.float16 if fp16 else torch.float32).eval()
-    x = torch.zeros(2, c.in_channels, c.image_size, c.image_size)
-    t = torch.tensor([1, schedule.num_train_timesteps - 1], dtype=torch.long)
-    args, names = ((x, t, torch.tensor([0, -1])), ["x", "t", "y"]) if conditional else ((x, t), ["x", "t"])
-    with torch.no_grad():
-        proto = _trace(wrapper, args, names, opset, exporter)
-    for k, v in metadata(model, schedule, "fp16" if fp16 else "fp32").items():
-        proto.metadata_props.add(key=k, value=v)
-    proto.producer_name, proto.doc_string = "fastdiff", f"fastdiff {__version__} denoiser (EMA weights)"
-    if proto.ByteSize() >= TWO_GB:
-        raise ValueError(f"the model is {proto.ByteSize() / 2**30:.1f} GiB; a single ONNX file must stay below 2 GB")
-    onnx.checker.check_model(proto, full_check=True)
-    atomic_write(out, lambda tmp: onnx.save_model(proto, tmp, save_as_external_data=False))
-    return out
+from ..onnx_export import MIN_OPSET, TWO_GB, describe, export_model, metadata  # noqa: F401  (the pure export)
 
 
 def export_onnx(ckpt: Path | str, out: Path | str, *, opset: int = MIN_OPSET, fp16: bool = False,

@@ -1,41 +1,30 @@
 """INT8 quantization of an exported fastdiff model with onnxruntime.quantization, plus a report.
 
-Static (default): QDQ, per-channel int8 weights, int8 activations (S8S8: U8S8 saturates on CPUs
-without VNNI and was ~3x less accurate here), Conv/MatMul/Gemm only (GroupNorm, SiLU and the
-residual adds stay float), calibrated on
+Static (default): the recipe of fastdiff.onnx_quant (QDQ, per-channel int8 weights, u8 activations - 7-bit
+weights on CPUs without VNNI - Conv/MatMul/Gemm only; why: its docstring), calibrated on
 x_t = q_sample(x0, t, ε) with x0 from the training data and t stratified over ALL timesteps, each
 paired with its t (and class id), so the activation ranges cover every noise level (timestep-aware
 calibration, Q-Diffusion, Li et al. 2023). Dynamic: weights only, activation ranges at run time.
 
 The report (<out>.report.json / .md) gives the size ratio int8/fp32, ORT CPU latency of both at
-batch 1 and 16, and the error of int8 vs fp32 outputs per timestep band on held-out x_t.
+batch 1 and 16, the error of int8 vs fp32 outputs per timestep band on held-out x_t, and the paired
+image quality (`paired_quality`: the same seeds' DDIM-50 η = 0 images of both, PSNR and max abs diff).
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import logging
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_dynamic, quantize_static)
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..files import atomic_write, write_json
+from ..onnx_quant import KEY_QUANT, METHODS, OP_TYPES, batches, quantize_int8  # noqa: F401  (KEY_QUANT: re-export)
 from .runtime import OnnxSampler
 
-METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-           "percentile": CalibrationMethod.Percentile}
-KEY_QUANT = "fastdiff.quantization"
-OP_TYPES = ["Conv", "MatMul", "Gemm"]
+PAIRED_STEPS = 50  # paired quality: DDIM-50, η = 0
 
 
 def _dataset(source: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -69,27 +58,6 @@ def stratified_timesteps(n: int, T: int, rng: np.random.Generator) -> np.ndarray
     return rng.permutation(np.minimum(((np.arange(n) + rng.random(n)) * T / n).astype(np.int64), T - 1))
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, feed: dict[str, np.ndarray], batch: int):
-        n = len(feed["x"])
-        self.batches = iter([{k: v[i:i + batch] for k, v in feed.items()} for i in range(0, n, batch)])
-
-    def get_next(self) -> dict | None:
-        return next(self.batches, None)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence onnxruntime.quantization's prints and warnings (they go to stdout and the root logger)."""
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
-
-
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -115,15 +83,28 @@ def _target(pred_type: str, x0: np.ndarray, eps: np.ndarray, ac: np.ndarray) -> 
     return np.sqrt(ac) * eps - np.sqrt(1 - ac) * x0
 
 
+def paired_quality(fp32: Path | str, int8: Path | str, n: int = 64, *, steps: int = PAIRED_STEPS, seed: int = 0,
+                   batch_size: int = 64) -> dict:
+    """The same seeds' DDIM-`steps` η = 0 images from the fp32 and the INT8 file: PSNR (dB, images in [-1, 1])
+    and max abs difference (fastdiff.metrics.paired_fidelity, the measure `fastdiff eval` uses too)."""
+    from ..metrics import paired_fidelity
+
+    kw = dict(sampler="ddim", steps=steps, seed=seed, eta=0.0, batch_size=batch_size)
+    ref = OnnxSampler(fp32, providers=["CPUExecutionProvider"]).sample(n, **kw)
+    got = OnnxSampler(int8, providers=["CPUExecutionProvider"]).sample(n, **kw)
+    return {"n": n, "sampler": f"ddim-{steps}", "eta": 0.0, "seed": seed, **paired_fidelity(got, ref)}
+
+
 def quantize(onnx_path: Path | str, out: Path | str, *, method: str = "minmax", dynamic: bool = False,
              calib_size: int = 256, data: str = "digits", seed: int = 0, bands: int = 4, eval_per_band: int = 64,
-             repeats: int = 20, verbose: bool = True) -> dict:
-    """Quantize onnx_path to out (INT8) and write <out>.report.json / .md; returns the report."""
+             repeats: int = 20, paired_n: int = 16, activations: str = "auto", verbose: bool = True) -> dict:
+    """Quantize onnx_path to out (INT8) and write <out>.report.json / .md; returns the report.
+    paired_n: images of the paired quality measure (0: skip it); activations: fastdiff.onnx_quant.recipe_name."""
     onnx_path, out = Path(onnx_path), Path(out)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     for name, v, low in (("calib_size", calib_size, 1), ("bands", bands, 1), ("eval_per_band", eval_per_band, 1),
-                         ("repeats", repeats, 1)):
+                         ("repeats", repeats, 1), ("paired_n", paired_n, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{name} must be an integer >= {low}; got {v!r}")
     if out.resolve() == onnx_path.resolve():
@@ -141,30 +122,13 @@ def quantize(onnx_path: Path | str, out: Path | str, *, method: str = "minmax", 
     calib_idx = np.resize(order[:n_cal], calib_size)
     eval_idx = np.resize(order[n_cal:] if len(images) > n_cal else order, n_eval)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        pre, qpath = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        with _quiet():
-            quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
-            if dynamic:
-                quantize_dynamic(str(pre), str(qpath), per_channel=True, weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=OP_TYPES)
-            else:
-                t = stratified_timesteps(calib_size, T, rng)
-                feed, _, _ = noisy_inputs(images, labels, calib_idx, t, ac, classes, rng)
-                quantize_static(str(pre), str(qpath), _Reader(feed, 32), quant_format=QuantFormat.QDQ,
-                                per_channel=True, op_types_to_quantize=OP_TYPES, activation_type=QuantType.QInt8,
-                                weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
-                                calibration_providers=["CPUExecutionProvider"])
-        model = onnx.load(str(qpath))
-    info = {"method": "dynamic" if dynamic else method, "calib_size": 0 if dynamic else calib_size, "data": data,
-            "seed": seed, "ops": OP_TYPES,
-            "format": "dynamic (s8 weights)" if dynamic else "QDQ, per-channel s8 weights, s8 activations"}
-    src = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    del model.metadata_props[:]
-    for k, v in {**src, "fastdiff.precision": "int8", KEY_QUANT: json.dumps(info)}.items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.checker.check_model(model)
-    atomic_write(out, lambda tmp: onnx.save_model(model, tmp, save_as_external_data=False))
+    feeds = None
+    if not dynamic:
+        t = stratified_timesteps(calib_size, T, rng)
+        feed, _, _ = noisy_inputs(images, labels, calib_idx, t, ac, classes, rng)
+        feeds = batches(feed, 32)
+    info = quantize_int8(onnx_path, out, feeds, method=method, dynamic=dynamic, activations=activations,
+                         info={"calib_size": 0 if dynamic else calib_size, "data": data, "seed": seed})
     int8 = OnnxSampler(out, providers=["CPUExecutionProvider"])
 
     report = {"fp32": str(onnx_path), "int8": str(out), **info, "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(),
@@ -172,6 +136,8 @@ def quantize(onnx_path: Path | str, out: Path | str, *, method: str = "minmax", 
     report["size_ratio"] = round(report["size_int8_bytes"] / report["size_fp32_bytes"], 4)
     report["latency_ms"] = _latencies(onnx_path, out, shape, classes, T, repeats)
     report["error_bands"] = _error_bands(fp32, int8, images, labels, eval_idx, bands, eval_per_band, rng)
+    if paired_n:
+        report["paired"] = paired_quality(onnx_path, out, paired_n, seed=seed)
     write_json(Path(f"{out}.report.json"), report)
     atomic_write(Path(f"{out}.report.md"), lambda tmp: Path(tmp).write_text(markdown(report)))
     if verbose:
@@ -226,12 +192,18 @@ def markdown(r: dict) -> str:
     for b in r["error_bands"]:
         lines.append(f"| {b['t_range'][0]}–{b['t_range'][1]} | {b['rel_rmse']:.4f} | {b['max_abs']:.4f} | "
                      f"{b['target_mse_fp32']:.4f} | {b['target_mse_int8']:.4f} |")
+    if "paired" in r:
+        p = r["paired"]
+        lines += ["", f"Paired images ({p['n']} seeds, {p['sampler']} η = 0, int8 vs fp32): PSNR {p['psnr_db']:.1f} dB, "
+                      f"max abs difference {p['max_abs_diff']:.3f} (images in [-1, 1])."]
     return "\n".join(lines) + "\n"
 
 
 def summary(r: dict) -> str:
     lat = "; ".join(f"{k}: {v['fp32']:.2f} → {v['int8']:.2f} ms" for k, v in r["latency_ms"].items())
     err = ", ".join(f"{b['t_range'][0]}-{b['t_range'][1]}: {b['rel_rmse']:.3f}" for b in r["error_bands"])
+    pair = (f"  paired {r['paired']['sampler']} images: PSNR {r['paired']['psnr_db']:.1f} dB, max abs diff "
+            f"{r['paired']['max_abs_diff']:.3f}\n" if "paired" in r else "")
     return (f"int8 ({r['method']}) → {r['int8']}\n  size {r['size_int8_bytes'] / 1e6:.2f} MB, "
-            f"{r['size_ratio']:.3f} of fp32\n  latency {lat}\n  rel. RMSE by t band {err}\n"
+            f"{r['size_ratio']:.3f} of fp32\n  latency {lat}\n  rel. RMSE by t band {err}\n{pair}"
             f"  report: {r['int8']}.report.json / .md")

@@ -15,12 +15,13 @@ import numpy as np
 import onnxruntime as ort
 
 from .. import noise, reference
+from ..multistep import MultistepCoefs
 from ..request import SampleRequest, check_int
 from ..schedule import NoiseSchedule, StepCoefs
 from .metadata import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_PRECISION,
                        KEY_SCHEDULE, KEY_SHAPE, KEY_VERSION, REQUIRED_KEYS)
 
-__all__ = ["OnnxSampler", "step"]
+__all__ = ["OnnxSampler", "step", "multistep"]
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -28,6 +29,13 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 def step(x: np.ndarray, m: np.ndarray, seeds: np.ndarray, t: int, coefs: StepCoefs) -> np.ndarray:
     """One reverse step in float32, operation for operation as the fused kernel (fastdiff.ops)."""
     return reference.apply_step(x, m, seeds, t, coefs).astype(np.float32, copy=False)
+
+
+def multistep(x: np.ndarray, m: np.ndarray, x0_prev: np.ndarray | None, seeds: np.ndarray, t: int,
+              coefs: MultistepCoefs) -> tuple[np.ndarray, np.ndarray]:
+    """One DPM-Solver++ step in float32 as the fused multistep kernel: (x_prev, x0); x0_prev None before the first."""
+    out, x0 = reference.apply_multistep(x, m, np.zeros_like(x) if x0_prev is None else x0_prev, seeds, t, coefs)
+    return out.astype(np.float32, copy=False), x0.astype(np.float32, copy=False)
 
 
 def default_providers() -> list[str]:
@@ -43,7 +51,7 @@ def _progress(i: int, total: int, label: str) -> None:
 
 
 class OnnxSampler:
-    """A fastdiff ONNX denoiser plus its schedule; `sample` runs DDPM/DDIM, `predict` one model call."""
+    """A fastdiff ONNX denoiser plus its schedule; `sample` runs DDPM/DDIM/DPM-Solver++, `predict` one model call."""
 
     def __init__(self, path: Path | str, providers: Sequence[str] | None = None):
         self.path = path = Path(path)
@@ -172,12 +180,16 @@ class OnnxSampler:
             seeds = request.seeds(start, count)
             x = noise.gaussian(seeds, noise.INITIAL_NOISE_STEP, numel).reshape(count, *self.image_shape)
             y = request.class_ids(start, count)
+            x0_prev = None  # DPM-Solver++ state (fastdiff.sampling.advance)
             for k, (t, coefs) in enumerate(request.reverse_steps):
                 m = self._model_output(x, t, y, request.guidance)
                 if not np.isfinite(m).all():
                     raise FloatingPointError(f"the model output holds NaN or inf at timestep {t}; "
                                              "check the weights and inputs")
-                x = step(x, m, seeds, t, coefs)
+                if isinstance(coefs, MultistepCoefs):
+                    x, x0_prev = multistep(x, m, x0_prev, seeds, t, coefs)
+                else:
+                    x = step(x, m, seeds, t, coefs)
                 if progress:
                     _progress(k + 1, len(request.reverse_steps), f"{sampler}-{request.steps} [{start + count}/{n}]")
             if on_batch is None:

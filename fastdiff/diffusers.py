@@ -1,0 +1,347 @@
+"""Fused drop-in schedulers for diffusers pipelines: FusedDDIMScheduler, FusedDDPMScheduler and
+FusedDPMSolverMultistepScheduler (DPM-Solver++ 2M / 2M-SDE, docs/dpmpp.md).
+
+    pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
+    image = pipe(generator=torch.Generator().manual_seed(0)).images[0]
+
+They are diffusers' DDIMScheduler / DDPMScheduler (same config, timesteps, add_noise, alphas_cumprod, saving
+and loading) whose `step` is ONE call of fastdiff's fused reverse step (torch.ops.fastdiff.reverse_step): the
+scalars are computed on the host in float64 by NoiseSchedule.step_coefs from the same config, and the noise is
+fastdiff's counter-based Philox stream of (seed of the sample, timestep, element), so a seed gives the same noise
+on every device and for any batch it shares. Per-sample seeds are drawn ONCE per run (at the first step after
+set_timesteps) from the generator the pipeline passes: a list of generators gives one seed per image, one
+generator a base seed s with image i using s + i (fastdiff's convention); or they are set with `set_seeds`.
+
+What differs from diffusers: the noise values (Philox instead of torch.randn; hand diffusers the same numbers
+through `variance_noise` to compare), and `thresholding=True`, variance types other than fixed_small(_log) /
+fixed_large and rescale_betas_zero_snr are refused with a ValueError.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+try:
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+except ImportError as _e:  # pragma: no cover - depends on the optional extra
+    raise ImportError(f"fastdiff.diffusers needs diffusers: pip install fastdiff[diffusers] ({_e})") from _e
+
+from . import ops
+from .interop.diffusers import sampler_options, schedule_from_config
+from . import multistep
+from .multistep import MultistepCoefs
+from .schedule import Step, StepCoefs
+
+__all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedDPMSolverMultistepScheduler"]
+
+SEED_HIGH = 2**62  # seeds drawn from a generator: base + i stays an int64 for any batch
+DDIM_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _x0_coefs(c: StepCoefs) -> StepCoefs:
+    """The fused op's coefficients that output its own clamped x0 (k_x0 = 1, nothing else)."""
+    return StepCoefs(c.a, c.b, c.clip_range, 1.0, 0.0, 0.0, 0.0)
+
+
+def _as_seeds(seeds: int | Sequence[int] | torch.Tensor) -> int | torch.Tensor:
+    if isinstance(seeds, bool):
+        raise ValueError(f"seeds must be an int or one int64 seed per image; got {seeds!r}")
+    if isinstance(seeds, int):
+        if not 0 <= seeds < 2**63:
+            raise ValueError(f"seeds must be in [0, 2^63); got {seeds}")
+        return seeds
+    try:
+        t = torch.as_tensor(seeds)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"seeds must be an int or one int64 seed per image; got {type(seeds).__name__}") from None
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1 or not len(t):
+        raise ValueError(f"seeds must be an int or a non-empty 1-D sequence of integer seeds; got {t.dtype} "
+                         f"of shape {tuple(t.shape)}")
+    return t.to("cpu", torch.int64)
+
+
+class _FusedStep:
+    """What both fused schedulers share: the schedule, per-sample seeds and the fused op."""
+
+    _sampler: str
+    # The step implementation; tests swap in ops.reverse_step_reference (the bit-identical PyTorch twin).
+    step_fn = staticmethod(ops.reverse_step)
+
+    def _setup(self) -> None:
+        name = type(self).__name__
+        self.schedule = schedule_from_config(self.config, name)
+        self.options = sampler_options(self._sampler, self.config, name)
+        self.return_pred_original_sample = True  # False: one op call per step, pred_original_sample None
+        self._seeds: int | torch.Tensor | None = None  # set_seeds
+        self._run_seeds: torch.Tensor | None = None  # this run's, drawn at its first step
+        self._on_device: tuple[torch.device, torch.Tensor] | None = None
+        self._coefs: dict[tuple, StepCoefs] = {}
+
+    # --- seeds --------------------------------------------------------------------------------------------
+    def set_seeds(self, seeds: int | Sequence[int] | torch.Tensor | None) -> None:
+        """Per-sample Philox seeds for every following run: an int s (image i uses s + i, as fastdiff's
+        generate), one int64 seed per image, or None (draw them from the pipeline's generator again)."""
+        self._seeds = None if seeds is None else _as_seeds(seeds)
+        self._run_seeds, self._on_device = None, None
+
+    @property
+    def seeds(self) -> torch.Tensor | None:
+        """The seeds of the current run (CPU int64, one per image), once its first step has run."""
+        return self._run_seeds
+
+    def _draw(self, n: int, generator: Any) -> torch.Tensor:
+        if self._seeds is not None:
+            if isinstance(self._seeds, int):
+                if self._seeds + n > 2**63:
+                    raise ValueError(f"set_seeds({self._seeds}): seed + i must stay below 2^63 for {n} images")
+                return torch.arange(n, dtype=torch.int64) + self._seeds
+            if len(self._seeds) != n:
+                raise ValueError(f"set_seeds gave {len(self._seeds)} seeds for a batch of {n} images")
+            return self._seeds.clone()
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {n} images")
+            return torch.cat([torch.randint(0, SEED_HIGH, (1,), generator=g, device=g.device).cpu()
+                              for g in generator])
+        device = generator.device if generator is not None else "cpu"
+        base = int(torch.randint(0, SEED_HIGH, (1,), generator=generator, device=device).item())
+        return torch.arange(n, dtype=torch.int64) + base
+
+    def _device_seeds(self, n: int, device: torch.device, generator: Any) -> torch.Tensor:
+        if self._run_seeds is None or len(self._run_seeds) != n:
+            self._run_seeds, self._on_device = self._draw(n, generator), None
+        if self._on_device is None or self._on_device[0] != device:
+            self._on_device = (device, self._run_seeds.to(device))
+        return self._on_device[1]
+
+    def initial_noise(self, shape: Sequence[int], device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x_T (or latents) of shape (B, ...) from the seeds of set_seeds: fastdiff's Philox normals of each
+        image's seed, bit-identical on every device; pass it as a pipeline's `latents=`."""
+        if self._seeds is None:
+            raise ValueError("initial_noise needs explicit seeds: call set_seeds(seed) first")
+        shape = tuple(int(s) for s in shape)
+        seeds = self._draw(shape[0], None).to(device)
+        return ops.initial_noise(seeds, shape[1:]).to(dtype)
+
+    # --- the step -----------------------------------------------------------------------------------------
+    def _step_coefs(self, t: int, prev: int, **options) -> StepCoefs:
+        key = (t, prev, *sorted(options.items()))
+        coefs = self._coefs.get(key)
+        if coefs is None:
+            coefs = self._coefs[key] = self.schedule.step_coefs(self._sampler, t, prev, **{**self.options, **options})
+        return coefs
+
+    def _fused(self, model_output: torch.Tensor, t: int, sample: torch.Tensor, coefs: StepCoefs, generator: Any,
+               variance_noise: torch.Tensor | None, return_dict: bool, output: type) -> Any:
+        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+            raise ValueError("sample and model_output must be torch tensors")
+        dtype = sample.dtype
+        x = sample if dtype in ops.DTYPES else sample.float()  # float64 runs in float32 (the op's precision)
+        m = model_output if model_output.dtype == x.dtype else model_output.to(x.dtype)
+        seeds = self._device_seeds(x.shape[0], x.device, generator)
+        if variance_noise is not None:  # diffusers' semantics: these normals instead of the Philox ones
+            out = self.step_fn(x, m, seeds, t, coefs._replace(sigma=0.0)) + coefs.sigma * variance_noise.to(x)
+        else:
+            out = self.step_fn(x, m, seeds, t, coefs)
+        x0 = self.step_fn(x, m, seeds, t, _x0_coefs(coefs)) if self.return_pred_original_sample else None
+        if x.dtype != dtype:
+            out, x0 = out.to(dtype), None if x0 is None else x0.to(dtype)
+        if not return_dict:
+            return out, x0
+        return output(prev_sample=out, pred_original_sample=x0)
+
+
+class FusedDDIMScheduler(_FusedStep, DDIMScheduler):
+    """diffusers' DDIMScheduler with the fused reverse step and per-sample Philox noise (see module docstring)."""
+
+    _sampler = "ddim"
+    _compatibles = [*DDIMScheduler._compatibles]
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: Any = None, clip_sample: bool = True,
+                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
+                 sample_max_value: float = 1.0, timestep_spacing: str = "leading",
+                 rescale_betas_zero_snr: bool = False):
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if trained_betas is None and beta_schedule not in DDIM_BETA_SCHEDULES:
+            raise ValueError(f"FusedDDIMScheduler: beta_schedule {beta_schedule!r} is not supported (as in "
+                             f"DDIMScheduler); use one of {', '.join(DDIM_BETA_SCHEDULES)} or trained_betas")
+        self._setup()
+        DDIMScheduler.__init__.__wrapped__(self, **kwargs)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """diffusers' set_timesteps; also starts a new run (its seeds are drawn at the first step)."""
+        super().set_timesteps(num_inference_steps, device)
+        self._run_seeds, self._on_device = None, None
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator: Any = None,
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True) -> DDIMSchedulerOutput | tuple:
+        """DDIMScheduler.step as one fused op call (plus one for pred_original_sample unless
+        return_pred_original_sample is False)."""
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        t = int(timestep)
+        prev = t - self.config.num_train_timesteps // self.num_inference_steps
+        coefs = self._step_coefs(t, prev, eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output))
+        if eta > 0 and variance_noise is not None and generator is not None:
+            raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                             "`generator` or `variance_noise` stays `None`.")
+        return self._fused(model_output, t, sample, coefs, generator, variance_noise if eta > 0 else None,
+                           return_dict, DDIMSchedulerOutput)
+
+
+class FusedDDPMScheduler(_FusedStep, DDPMScheduler):
+    """diffusers' DDPMScheduler with the fused reverse step and per-sample Philox noise (see module docstring)."""
+
+    _sampler = "ddpm"
+    _compatibles = [*DDPMScheduler._compatibles]
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: Any = None, variance_type: str = "fixed_small",
+                 clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
+                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False):
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self._setup()
+        DDPMScheduler.__init__.__wrapped__(self, **kwargs)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list[int] | None = None) -> None:
+        """diffusers' set_timesteps (custom timesteps included); also starts a new run."""
+        super().set_timesteps(num_inference_steps, device, timesteps)
+        self._run_seeds, self._on_device = None, None
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: Any = None, return_dict: bool = True) -> DDPMSchedulerOutput | tuple:
+        """DDPMScheduler.step as one fused op call (no noise at t = 0, as diffusers)."""
+        t = int(timestep)
+        try:
+            prev = int(self.previous_timestep(t))
+        except IndexError:
+            raise ValueError(f"timestep {t} is not one of this run's timesteps (set_timesteps)") from None
+        return self._fused(model_output, t, sample, self._step_coefs(t, prev), generator, None, return_dict,
+                           DDPMSchedulerOutput)
+
+
+# --- DPM-Solver++ ---------------------------------------------------------------------------------------------
+DPM_ALGORITHMS = {v: k for k, v in multistep.ALGORITHMS.items()}  # diffusers' algorithm_type -> fastdiff sampler
+# config values the fused multistep step cannot reproduce, with the value it needs
+_DPM_UNSUPPORTED = {"thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                    "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+                    "rescale_betas_zero_snr": False, "use_dynamic_shifting": False, "variance_type": None,
+                    "lambda_min_clipped": -float("inf")}
+
+
+def _dpm_options(config: Any, where: str) -> tuple[str, dict]:
+    """(fastdiff sampler, its options) of a DPMSolverMultistepScheduler config; ValueError for what it cannot do."""
+    algorithm = config.algorithm_type
+    if algorithm not in DPM_ALGORITHMS:
+        raise ValueError(f"{where}: algorithm_type {algorithm!r} is not supported; use one of "
+                         f"{', '.join(DPM_ALGORITHMS)}")
+    for key, want in _DPM_UNSUPPORTED.items():
+        if config.get(key, want) != want:
+            raise ValueError(f"{where}: {key}={config.get(key)!r} is not supported by fastdiff's fused multistep step "
+                             f"(it needs {key}={want!r})")
+    options = {"solver_order": config.solver_order, "solver_type": config.solver_type,
+               "lower_order_final": bool(config.lower_order_final), "euler_at_final": bool(config.euler_at_final),
+               "final_sigmas_type": config.final_sigmas_type, "spacing": config.timestep_spacing,
+               "steps_offset": config.steps_offset}
+    try:
+        return DPM_ALGORITHMS[algorithm], multistep.check_options({**multistep.OPTIONS, **options})
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
+    """diffusers' DPMSolverMultistepScheduler (algorithm_type dpmsolver++ / sde-dpmsolver++, solver_order 1-2) whose
+    `step` is one call of the fused multistep op (torch.ops.fastdiff.multistep_step); the scalars of the whole run
+    are computed once per set_timesteps in float64 (fastdiff.multistep), the SDE noise is fastdiff's Philox stream.
+    The previous data prediction lives where diffusers keeps it (model_outputs)."""
+
+    _compatibles = [*DPMSolverMultistepScheduler._compatibles]
+    order = 1
+    multistep_fn = staticmethod(ops.multistep_step)  # tests swap in ops.multistep_step_reference
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: Any = None, solver_order: int = 2,
+                 prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
+                 lower_order_final: bool = True, euler_at_final: bool = False, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, use_lu_lambdas: bool = False,
+                 use_flow_sigmas: bool = False, flow_shift: float = 1.0, final_sigmas_type: str = "zero",
+                 lambda_min_clipped: float = -float("inf"), variance_type: str | None = None,
+                 timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
+                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential"):
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        name = type(self).__name__
+        DPMSolverMultistepScheduler.__init__.__wrapped__(self, **kwargs)
+        self._sampler, self.options = _dpm_options(self.config, name)
+        self.schedule = schedule_from_config(self.config, name)
+        self.return_pred_original_sample = False
+        self._seeds, self._run_seeds, self._on_device, self._coefs = None, None, None, {}
+        self._plan: list[Step] = []
+        self._first_order: list[Step] = []
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      mu: float | None = None, timesteps: list[int] | None = None) -> None:
+        """diffusers' set_timesteps (custom timesteps and mu are refused); computes the run's scalars and starts a
+        new run (its seeds are drawn at the first step)."""
+        if timesteps is not None or mu is not None:
+            raise ValueError(f"{type(self).__name__}: custom timesteps / mu are not supported; pass num_inference_steps")
+        super().set_timesteps(num_inference_steps, device)
+        self._plan = self.schedule.reverse_steps(self._sampler, int(num_inference_steps), **self.options)
+        # a run that starts mid-schedule (begin_index) takes a first-order step first, as diffusers
+        self._first_order = self.schedule.reverse_steps(self._sampler, int(num_inference_steps),
+                                                        **{**self.options, "solver_order": 1})
+        if [s.t for s in self._plan] != self.timesteps.tolist():  # pragma: no cover - guarded by _dpm_options
+            raise ValueError(f"{type(self).__name__}: timesteps differ from diffusers'")
+        self._run_seeds, self._on_device = None, None
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: Any = None, variance_noise: torch.Tensor | None = None,
+             return_dict: bool = True) -> SchedulerOutput | tuple:
+        """DPMSolverMultistepScheduler.step as one fused op call."""
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+            raise ValueError("sample and model_output must be torch tensors")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        coefs: MultistepCoefs = (self._first_order if self.lower_order_nums < 1 else self._plan)[i].coefs
+        dtype = sample.dtype
+        x = sample if dtype in ops.DTYPES else sample.float()
+        m = model_output if model_output.dtype == x.dtype else model_output.to(x.dtype)
+        prev = self.model_outputs[-1]
+        x0_prev = prev.to(x) if coefs.k_prev != 0 and prev is not None else torch.zeros_like(x)
+        seeds = self._device_seeds(x.shape[0], x.device, generator)
+        t = int(self.timesteps[i])
+        if variance_noise is not None and coefs.sigma != 0:  # diffusers' semantics: these normals
+            out, x0 = self.multistep_fn(x, m, x0_prev, seeds, t, coefs._replace(sigma=0.0))
+            out = out + coefs.sigma * variance_noise.to(out)
+        else:
+            out, x0 = self.multistep_fn(x, m, x0_prev, seeds, t, coefs)
+        for k in range(self.config.solver_order - 1):
+            self.model_outputs[k] = self.model_outputs[k + 1]
+        self.model_outputs[-1] = x0
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        out = out.to(dtype)
+        return SchedulerOutput(prev_sample=out) if return_dict else (out,)

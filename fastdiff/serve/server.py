@@ -1,0 +1,68 @@
+"""Running the app with uvicorn: in the foreground (the CLI) or in a background thread (tests, benchmarks)."""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import threading
+import time
+from typing import Iterator
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> str | None:
+    """The warning to print for host, or None; ValueError when a non-loopback host has no token."""
+    if is_loopback(host):
+        return None
+    if not token:
+        raise ValueError(f"--host {host} exposes the server beyond this machine: pass --token (or set "
+                         "FASTDIFF_TOKEN); every request must then carry it")
+    return (f"warning: serving on {host}: reachable from other machines; every request needs the token "
+            "(plain HTTP: use it on trusted networks only, or behind a TLS proxy)")
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 7860, log_level: str = "warning") -> None:
+    """Serve until Ctrl-C (uvicorn; the app's lifespan stops the worker and cancels unfinished jobs)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+
+
+@contextlib.contextmanager
+def background(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve app in a thread on host:port (0: a free port); yields the base URL, stops on exit (bounded)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fastdiff-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError(f"the server did not start within {timeout:.0f} s")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
