@@ -127,11 +127,12 @@ class Engine:
     # --- public -------------------------------------------------------------------------------------
     def sample(self, seeds: torch.Tensor, image_shape: tuple[int, ...], sampler: str = "ddim", steps: int = 50,
                classes: torch.Tensor | None = None, guidance: float = 1.0, progress: bool = False,
-               **options) -> torch.Tensor:
+               on_step=None, **options) -> torch.Tensor:
         """Samples x_0 (float32, contiguous, on the engine's device; not clamped) for the given seeds,
         one int64 seed per sample; classes: one class id per seed (or None); guidance: classifier-free
-        guidance scale; options: schedule.SAMPLER_OPTIONS[sampler]; progress: a per-step bar on the
-        eager path (a captured graph runs as one replay)."""
+        guidance scale; options: schedule.SAMPLER_OPTIONS[sampler]; progress: a per-step bar, and
+        on_step(steps done) a callback after each step, on the eager and ort runtimes (a captured graph
+        runs as one replay: neither is called there)."""
         seeds, image_shape, y, guidance = self._check(seeds, image_shape, classes, guidance)
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise ValueError(f"steps must be an integer; got {steps!r}")
@@ -148,7 +149,7 @@ class Engine:
                     out = self._sample_graph(seeds, image_shape, sampler, steps, plan, y, guidance, options)
                 else:
                     self.stats["eager_runs"] += 1
-                    out = self._loop(seeds, image_shape, plan, y, guidance, progress)
+                    out = self._loop(seeds, image_shape, plan, y, guidance, progress, on_step)
                 if self.check_finite and not bool(torch.isfinite(out).all()):
                     raise FloatingPointError(f"the samples hold NaN or inf ({sampler}-{steps}); check the weights, "
                                              "the inputs and, with dtype=float16, the model's range")
@@ -220,11 +221,12 @@ class Engine:
         return self._ort
 
     def _loop(self, seeds: torch.Tensor, image_shape: tuple[int, ...], plan: list[Step], y: torch.Tensor | None,
-              guidance: float, progress: bool = False) -> torch.Tensor:
+              guidance: float, progress: bool = False, on_step=None) -> torch.Tensor:
         """x_T from the fused op, then the one denoising loop; no host sync on CUDA."""
         x = initial_noise(seeds, image_shape, memory_format=self._layout(image_shape))
         return denoise(self._model_fn(), x, seeds, plan, y=y, guidance=guidance, autocast=self._autocast,
-                       check_finite=self.check_finite and self.device.type == "cpu", progress=progress)
+                       check_finite=self.check_finite and self.device.type == "cpu", progress=progress,
+                       on_step=on_step)
 
     def _key(self, n, image_shape, sampler, steps, y, guidance, options) -> tuple:
         return (n, image_shape, sampler, steps, tuple(sorted(options.items())), self.dtype, self.channels_last,

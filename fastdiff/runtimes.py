@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -170,20 +171,25 @@ class OrtModel:
         so.log_severity_level = 3
         self.path, self.threads = Path(path), threads
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.conditional = "y" in [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name
+        self._local = threading.local()
         meta = self.session.get_modelmeta().custom_metadata_map
         self.precision = meta.get("fastdiff.precision", "fp32")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.detach().to(torch.float32).contiguous()
-        t = t.detach().to(torch.int64).expand(x.shape[0]).contiguous()
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        if t.dtype != torch.int64 or t.shape != x.shape[:1]:
+            t = t.to(torch.int64).expand(x.shape[0]).contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
-        io = self.session.io_binding()
+        io = getattr(self._local, "io", None)
+        if io is None:  # one binding per thread, re-pointed every call (a fresh one costs ~50 µs per run)
+            io = self._local.io = self.session.io_binding()
         io.bind_input("x", "cpu", 0, np.float32, tuple(x.shape), x.data_ptr())
         io.bind_input("t", "cpu", 0, np.int64, tuple(t.shape), t.data_ptr())
-        if "y" in self.inputs:
-            y = torch.full_like(t, -1) if y is None else y.detach().to(torch.int64).contiguous()
+        if self.conditional:
+            y = torch.full_like(t, -1) if y is None else y.to(torch.int64).contiguous()
             io.bind_input("y", "cpu", 0, np.int64, tuple(y.shape), y.data_ptr())
         io.bind_output(self.output, "cpu", 0, np.float32, tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(io)

@@ -61,20 +61,25 @@ def advance(x: torch.Tensor, m: torch.Tensor, seeds: torch.Tensor, t: int, coefs
 
 def denoise(model: Model, x: torch.Tensor, seeds: torch.Tensor, steps: list[Step], *, y: torch.Tensor | None = None,
             guidance: float = 1.0, step_fn: StepFn | None = None, autocast: Callable[[], ContextManager] = nullcontext,
-            check_finite: bool = True, progress: bool = False, multistep_fn: MultistepFn | None = None) -> torch.Tensor:
+            check_finite: bool = True, progress: bool = False, multistep_fn: MultistepFn | None = None,
+            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Run reverse steps from x = x_T: one model call and one fused step each (`advance`: DDPM/DDIM carry x,
     DPM-Solver++ carries x and the previous data prediction x0_prev).
 
     autocast: a context for the model call (the step and x keep x's dtype); check_finite: raise
     FloatingPointError when the model output holds NaN/inf (a host sync per step: the CUDA graph path
-    turns it off and checks the result once)."""
+    turns it off and checks the result once); on_step(steps done): called after each step (progress, or a
+    place to cancel by raising)."""
     x0_prev = None
-    for t, coefs in tqdm(steps, desc="sample", disable=not progress, leave=False, dynamic_ncols=True):
+    for k, (t, coefs) in enumerate(tqdm(steps, desc="sample", disable=not progress, leave=False,
+                                        dynamic_ncols=True)):
         with autocast():
             m = guided_output(model, x, t, y, guidance)
         if check_finite and not bool(torch.isfinite(m).all()):
             raise FloatingPointError(f"the model output holds NaN or inf at timestep {t}; check the weights and inputs")
         x, x0_prev = advance(x, m.to(x.dtype), seeds, t, coefs, x0_prev, step_fn, multistep_fn)
+        if on_step is not None:
+            on_step(k + 1)
     return x
 
 

@@ -227,7 +227,8 @@ def test_batch_invariance() -> None:
 # csrc/ops.cpp, contiguous path: at::parallel_for over batch * G Philox groups (G = ceil(N / 4) per
 # sample, N elements per sample) with grain 1024 groups; a chunk walks blocks of <= 64 groups that
 # stop at the sample's end and at the chunk's end. Channels-last path: parallel_for over
-# batch * ceil(S / block) blocks of block = max(1, 256 // C) spatial positions, grain 4.
+# batch * ceil(S / block) blocks of block = max(1, 256 // C) spatial positions (SIMD paths: at least 64),
+# grain 4.
 # With 2 threads a range of R >= 2 * grain items is cut at ceil(R / 2): for the shapes below that
 # cut falls inside a sample and inside a 64-group block, and N % 4 != 0 (a partial last group).
 GRAIN_GROUPS = 1024

@@ -50,10 +50,11 @@ def onnx_path(net: str, int8: bool = False) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def get_onnx_sampler(net: str, int8: bool = False) -> Any:
-    """The torch-free ONNX sampler (fastdiff.export.runtime.OnnxSampler) over onnx_path's file, on the CPU."""
+    """The torch-free ONNX sampler (fastdiff.export.runtime.OnnxSampler) over onnx_path's file, on the CPU, with
+    torch's thread count (as the engine's session)."""
     from ..export.runtime import OnnxSampler
 
-    return OnnxSampler(onnx_path(net, int8), providers=["CPUExecutionProvider"])
+    return OnnxSampler(onnx_path(net, int8), providers=["CPUExecutionProvider"], threads=torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -164,9 +165,10 @@ def _run_job(section: str, params: dict, mode: str, suite: Suite, device: torch.
 
 def run_bench(mode: str = "quick", device: str | torch.device = "auto", out: Path | None = None,
               sections: tuple[str, ...] = SECTIONS, time_budget_s: float = 0.0, threads: int | None = None,
-              progress: bool = True, plots: bool = True) -> Path:
+              progress: bool = True, plots: bool = True, only: str | None = None) -> Path:
     """Run the benchmarks (docs/design.md §5); writes results.json, results.md and PNG plots into out
-    (default: default_out(device)); returns out. threads sets torch's CPU threads for the run only."""
+    (default: default_out(device)); returns out. threads sets torch's CPU threads for the run only; only: a
+    regular expression a case's "section:name" must match (e.g. re-running the key rows when the load is low)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -176,20 +178,25 @@ def run_bench(mode: str = "quick", device: str | torch.device = "auto", out: Pat
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(mode, device, Path(out) if out else default_out(device), sections, time_budget_s, progress, plots)
+        return _run(mode, device, Path(out) if out else default_out(device), sections, time_budget_s, progress, plots,
+                    only)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
 
 
 def _run(mode: str, device: torch.device, out: Path, sections: tuple[str, ...], time_budget_s: float, progress: bool,
-         plots: bool) -> Path:
+         plots: bool, only: str | None = None) -> Path:
     from tqdm import tqdm
 
     suite = make_suite(mode, device)
     result = {"mode": mode, "machine": describe_machine(device), "notes": _notes(mode, device, suite), "rows": []}
     result["machine"]["load_average_start"] = result["machine"].get("load_average")
     jobs = _jobs(suite, list(sections))
+    if only:
+        pattern = re.compile(only)
+        jobs = [j for j in jobs if pattern.search(f"{j[0]}:" + "-".join(str(v) for v in j[1].values()))]
+        result["only"] = only
     start = time.perf_counter()
     bar = tqdm(jobs, desc=f"bench {mode}", disable=not progress, dynamic_ncols=True)
     last_section = None

@@ -27,6 +27,8 @@ def add(sub) -> None:
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds; cases left when it is spent are recorded as skipped (default: 0 = none)")
     p.add_argument("--threads", type=int, help="torch CPU threads for the run (default: torch's own choice)")
+    p.add_argument("--only", metavar="REGEX", help="run only the cases whose 'section:impl-...' name matches, e.g. "
+                   "'peers:.*-digits-(1|64)-ddim-50' (re-running key rows when the load is low)")
     p.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)
     add_quiet(p)
     p.set_defaults(run=run)
@@ -42,8 +44,15 @@ def run(a: argparse.Namespace) -> None:
         raise ValueError(f"--sections: choose from {', '.join(SECTIONS)}; got {a.sections!r}")
     if a.threads is not None and a.threads < 1:
         raise ValueError("--threads must be >= 1")
+    if a.only is not None:
+        import re
+
+        try:
+            re.compile(a.only)
+        except re.error as e:
+            raise ValueError(f"--only: not a regular expression ({e})") from None
     out = run_bench(a.mode, device, a.out, sections, a.time_budget, a.threads, progress=not a.quiet,
-                    plots=not a.no_plots)
+                    plots=not a.no_plots, only=a.only)
     result = json.loads((out / "results.json").read_text())
     done = sum("median_s" in r for r in result["rows"])
     print(f"{done}/{len(result['rows'])} cases measured in {result['total_s']:.0f} s → {out}/results.md")

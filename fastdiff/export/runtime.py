@@ -53,7 +53,8 @@ def _progress(i: int, total: int, label: str) -> None:
 class OnnxSampler:
     """A fastdiff ONNX denoiser plus its schedule; `sample` runs DDPM/DDIM/DPM-Solver++, `predict` one model call."""
 
-    def __init__(self, path: Path | str, providers: Sequence[str] | None = None):
+    def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None):
+        """threads: ORT intra-op threads (None: onnxruntime's default, one per physical core)."""
         self.path = path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no ONNX model at {path}")
@@ -64,8 +65,12 @@ class OnnxSampler:
             if missing:
                 raise ValueError(f"providers {missing} are not available in this onnxruntime "
                                  f"(available: {ort.get_available_providers()})")
+        options = ort.SessionOptions()
+        if threads is not None:
+            check_int("threads", threads, 1)
+            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), providers=list(providers))
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
             raise ValueError(f"{path} is not a valid ONNX model: {str(e).strip()[:300]}") from None
         self._read_metadata(self.session.get_modelmeta().custom_metadata_map)

@@ -37,25 +37,6 @@ def sha256(*paths: Path) -> str:
     return h.hexdigest()
 
 
-class _Counting(torch.nn.Module):
-    """The model, calling `hook(calls so far)` after each call: per-step progress (and a place to cancel) on
-    the eager path, with no change to the Engine. The sampling loop makes one model call per reverse step
-    (classifier-free guidance batches both halves into one call)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.inner = model
-        self.hook: Hook | None = None
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.inner(x, t, y)
-        self.calls += 1
-        if self.hook is not None:
-            self.hook(self.calls)
-        return out
-
-
 class ServedModel:
     """One model of the server: name, kind, source, weights hash, schedule, image shape, class count."""
 
@@ -102,8 +83,7 @@ class TorchModel(ServedModel):
 
         device = torch.device(device)
         super().__init__(name, source, weights, schedule, image_shape, num_classes, ops.backend(), str(device))
-        self._model = _Counting(model)
-        self.engine = Engine(self._model, schedule, device=device, channels_last=device.type == "cuda",
+        self.engine = Engine(model, schedule, device=device, channels_last=device.type == "cuda",
                              num_threads=num_threads)
         self.live_progress = not self.engine.use_graphs  # a captured graph replays the whole loop at once
 
@@ -120,12 +100,9 @@ class TorchModel(ServedModel):
                 classes = np.concatenate([classes, np.full(padded - count, classes[-1], np.int64)])
         s = torch.from_numpy(np.ascontiguousarray(seeds, np.int64)).to(self.engine.device)
         y = None if classes is None else torch.from_numpy(np.ascontiguousarray(classes, np.int64))
-        self._model.calls, self._model.hook = 0, hook if self.live_progress else None
-        try:
-            x = self.engine.sample(s, self.image_shape, request.sampler, request.steps, classes=y,
-                                   guidance=request.guidance, **request.options)
-        finally:
-            self._model.hook = None
+        x = self.engine.sample(s, self.image_shape, request.sampler, request.steps, classes=y,
+                               guidance=request.guidance, on_step=hook if self.live_progress else None,
+                               **request.options)
         return x[:count].float().cpu().clamp(-1, 1)
 
 
