@@ -37,6 +37,49 @@ def test_bench_smoke_writes_results(tmp_path) -> None:
     assert (out / "step_bandwidth.png").stat().st_size > 1000
 
 
+def test_bench_smoke_times_peers_interleaved(tmp_path) -> None:
+    out = tmp_path / "res"
+    assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--sections", "peers,model"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    peers = [r for r in rows if r["section"] == "peers" and "median_s" in r]
+    assert len(peers) >= 3 and len({len(r["rounds_s"]) for r in peers}) == 1, "one setting's peers share their rounds"
+    engine = next(r for r in peers if r["impl"] == "engine")
+    for r in peers:
+        assert r["engine_speedup"] == pytest.approx(bench.paired_speedup(r["rounds_s"], engine["rounds_s"]))
+
+
+def test_bench_update_replaces_only_the_rerun_rows(tmp_path, capsys) -> None:
+    out = tmp_path / "res"
+    assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--sections", "step,model"]) == 0
+    before = json.loads((out / "results.json").read_text())
+    assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--sections", "step,model", "--update",
+                 "--only", "^model:ort"]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert [r["impl"] for r in after["rows"]] == [r["impl"] for r in before["rows"]]
+    for old, new in zip(before["rows"], after["rows"]):
+        rerun = old["section"] == "model" and old["impl"] == "ort-fp32"
+        assert (old != new) == rerun, old
+    assert "^model:ort" in after["notes"][-1] and after["machine"]["date"] == before["machine"]["date"]
+    assert main(["bench", "--quick", "--out", str(out), "--update", "--only", "x", "--quiet"]) == 2
+    assert "--update" in capsys.readouterr().err
+    assert main(["bench", "--smoke", "--update", "--quiet"]) == 2  # no --only, no --out
+
+
+def test_measure_interleaved_rotates_and_pairs_rounds() -> None:
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    result = bench.measure_interleaved(fns, torch.device("cpu"), warmup=1, min_runs=4, max_runs=4, budget_s=0.0)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == list("abc" "bca" "cab" "abc"), "each round starts one implementation later"
+    assert all(len(r["rounds_s"]) == 4 and r["runs"] == 4 and r["min_s"] <= r["median_s"] for r in result.values())
+    # a machine that slows down 10x half-way: the ratio of medians misleads, the paired ratio does not
+    slow = [1.0, 1.0, 10.0, 10.0, 10.0]
+    fast = [0.5, 0.5, 5.0, 5.0, 5.0]
+    assert bench.paired_speedup(slow, fast) == pytest.approx(2.0)
+    assert bench.speedup({"median_s": 10.0, "rounds_s": slow}, {"median_s": 5.0, "rounds_s": fast}) == 2.0
+    assert bench.speedup({"median_s": 3.0}, {"median_s": 1.5}) == 2.0  # not paired: medians
+
+
 def test_bench_rejects_bad_sections(tmp_path, capsys) -> None:
     assert main(["bench", "--smoke", "--out", str(tmp_path), "--sections", "step,nope"]) == 2
     assert "--sections" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from .baselines import alpha_table, compiled_step, diffusers_ddim_step, eager_lo
 from .constants import DTYPE_NAMES, MODEL_IMPLS, PEER_IMPLS, STEP_IMPLS
 from .models import (get_compiled, get_engine, get_model, get_onnx_sampler, get_ort_model, get_pipeline,
                      image_shape)
-from .timing import calibrate_inner, measure, sync
+from .timing import calibrate_inner, measure, measure_interleaved, sync
 
 
 @dataclass
@@ -144,29 +144,68 @@ def model_case(impl: str, net: str, batch: int, device: torch.device | str) -> C
     return Case("model", params, lambda: model(x, t))
 
 
-def run_case(case: Case, device: torch.device, **timing: Any) -> dict:
-    """Time a case (timing: measure's keyword arguments); the row of results.json."""
-    row = {"section": case.section, **case.params, **case.info}
-    if case.skip:
-        return {**row, "skipped": case.skip}
-    with torch.inference_mode() if case.params.get("impl") not in ("compile",) else torch.no_grad():
-        if case.section == "step":
-            target = 2e-3 if device.type == "cuda" else 5e-3
-            timing = {**timing, "inner": calibrate_inner(case.fn, device, target)}
-            r = measure(case.fn, device, **timing)
-        else:
-            t0 = time.perf_counter()
-            case.fn()  # first call: compile / capture / autotune
-            sync(device)
-            row["first_call_s"] = time.perf_counter() - t0
-            r = measure(case.fn, device, **timing)
-    row.update(r)
+def _context(case: Case):
+    return torch.no_grad() if case.params.get("impl") == "compile" else torch.inference_mode()
+
+
+def _head(case: Case) -> dict:
+    return {"section": case.section, **case.params, **case.info}
+
+
+def _first_call(case: Case, device: torch.device) -> float:
+    """Seconds of the first call (compile / capture / export / autotune happen there)."""
+    t0 = time.perf_counter()
+    with _context(case):
+        case.fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def _finish(case: Case, row: dict) -> dict:
     if case.bytes:
         row["bytes"] = case.bytes
-        row["gbps"] = case.bytes / r["median_s"] / 1e9
+        row["gbps"] = case.bytes / row["median_s"] / 1e9
     if case.section != "step":
-        row["latency_ms"] = r["median_s"] * 1e3
-        row["best_ms"] = r["min_s"] * 1e3
-        row["images_per_s"] = case.params["batch"] / r["median_s"]
+        row["latency_ms"] = row["median_s"] * 1e3
+        row["best_ms"] = row["min_s"] * 1e3
+        row["images_per_s"] = case.params["batch"] / row["median_s"]
     row["load_avg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return row
+
+
+def run_case(case: Case, device: torch.device, **timing: Any) -> dict:
+    """Time a case (timing: measure's keyword arguments); the row of results.json."""
+    row = _head(case)
+    if case.skip:
+        return {**row, "skipped": case.skip}
+    if case.section == "step":
+        target = 2e-3 if device.type == "cuda" else 5e-3
+        with _context(case):
+            timing = {**timing, "inner": calibrate_inner(case.fn, device, target)}
+            row.update(measure(case.fn, device, **timing))
+    else:
+        row["first_call_s"] = _first_call(case, device)
+        with _context(case):
+            row.update(measure(case.fn, device, **timing))
+    return _finish(case, row)
+
+
+def run_group(cases: list[Case], device: torch.device, **timing: Any) -> list[dict]:
+    """Time cases of the same work (the peers of one setting, the runtimes of one forward) interleaved, round by
+    round (timing.measure_interleaved: its keyword arguments); their rows, in the cases' order."""
+    rows = [{**_head(c), "skipped": c.skip} if c.skip else _head(c) for c in cases]
+    live = {c.params["impl"]: (c, row) for c, row in zip(cases, rows) if not c.skip}
+    for case, row in live.values():
+        row["first_call_s"] = _first_call(case, device)
+
+    def call(case: Case) -> Callable[[], None]:
+        def run() -> None:
+            with _context(case):
+                case.fn()
+        return run
+
+    results = measure_interleaved({impl: call(c) for impl, (c, _) in live.items()}, device, **timing)
+    for impl, (case, row) in live.items():
+        row.update(results[impl])
+        _finish(case, row)
+    return rows

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..files import atomic_write, write_text
 from .constants import MIB, fmt_size
+from .timing import paired_speedup
 
 
 def add_derived(rows: list[dict]) -> None:
@@ -17,19 +18,28 @@ def add_derived(rows: list[dict]) -> None:
     for r in rows:
         if r["section"] == "step" and "gbps" in r and (r["numel"], r["dtype"]) in copy:
             r["copy_fraction"] = r["gbps"] / copy[(r["numel"], r["dtype"])]
-    engine = {(r["net"], r["batch"], r["sampler"], r["steps"]): r["median_s"] for r in rows
+    engine = {(r["net"], r["batch"], r["sampler"], r["steps"]): r for r in rows
               if r["section"] == "peers" and r["impl"] == "engine" and "median_s" in r}
     for r in rows:
         key = (r.get("net"), r.get("batch"), r.get("sampler"), r.get("steps"))
         if r["section"] == "peers" and "median_s" in r and key in engine:
-            r["engine_speedup"] = r["median_s"] / engine[key]
-    model = {(r["net"], r["batch"], r["impl"]): r["median_s"] for r in rows if r["section"] == "model" and "median_s" in r}
+            r["engine_speedup"] = speedup(r, engine[key])
+    model = {(r["net"], r["batch"], r["impl"]): r for r in rows if r["section"] == "model" and "median_s" in r}
     for r in rows:
         if r["section"] == "model" and "median_s" in r:
             if (r["net"], r["batch"], "torch") in model:
-                r["vs_torch"] = model[(r["net"], r["batch"], "torch")] / r["median_s"]
+                r["vs_torch"] = speedup(model[(r["net"], r["batch"], "torch")], r)
             if r["impl"] == "ort-int8" and (r["net"], r["batch"], "ort-fp32") in model:
-                r["vs_ort_fp32"] = model[(r["net"], r["batch"], "ort-fp32")] / r["median_s"]
+                r["vs_ort_fp32"] = speedup(model[(r["net"], r["batch"], "ort-fp32")], r)
+
+
+def speedup(slow: dict, fast: dict) -> float:
+    """How many times faster `fast` ran than `slow`: the median of their same-round ratios where both were timed in
+    the same interleaved rounds (timing.measure_interleaved), else the ratio of their medians."""
+    a, b = slow.get("rounds_s"), fast.get("rounds_s")
+    if a and b and len(a) == len(b):
+        return paired_speedup(a, b)
+    return slow["median_s"] / fast["median_s"]
 
 
 def targets(rows: list[dict]) -> list[dict]:

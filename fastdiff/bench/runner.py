@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import json
 import os
 import re
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from .. import ops
 from ..interop.diffusers import diffusers_available
 from ..machine import device_slug, machine_info
-from .cases import e2e_case, model_case, run_case, step_case
+from .cases import Case, e2e_case, model_case, run_case, run_group, step_case
 from .constants import SECTIONS
 from .models import get_model, get_ort_model, image_shape
 from .report import write_results
@@ -91,20 +92,27 @@ def _priority(section: str, p: dict) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _forward_s(net: str, batch: int, device: str, kind: str = "torch") -> float:
-    """Seconds of one model call (for the cost estimate; CPU: from batch 1, scaled by batch); kind: torch,
-    ort-fp32 or ort-int8 (the runtime the case runs)."""
+    """Seconds of one model call at `batch` (for the cost estimate); kind: torch, ort-fp32 or ort-int8 (the runtime
+    the case runs). CPU: timed at batch 1 and scaled by batch when that product exceeds a second (a large net);
+    a small net is timed at its batch, since at batch 1 its time is mostly per-call overhead that does not scale."""
     dev = torch.device(device)
-    b = 1 if dev.type == "cpu" else batch
     model = get_model(net, device) if kind == "torch" else get_ort_model(net, kind == "ort-int8")
-    x = torch.randn((b, *image_shape(net)), device=dev)
-    t = torch.full((b,), 500, device=dev)
-    with torch.inference_mode():
-        model(x, t)
-        sync(dev)
-        t0 = time.perf_counter()
-        model(x, t)
-        sync(dev)
-    return (time.perf_counter() - t0) * (batch / b)
+
+    def once(b: int) -> float:
+        x = torch.randn((b, *image_shape(net)), device=dev)
+        t = torch.full((b,), 500, device=dev)
+        with torch.inference_mode():
+            model(x, t)
+            sync(dev)
+            t0 = time.perf_counter()
+            model(x, t)
+            sync(dev)
+        return time.perf_counter() - t0
+
+    if dev.type != "cpu" or batch == 1:
+        return once(batch)
+    scaled = once(1) * batch
+    return scaled if scaled > 1.0 else once(batch)
 
 
 def _kind(impl: str, device: torch.device) -> str:
@@ -137,21 +145,44 @@ def _notes(mode: str, device: torch.device, suite: Suite) -> list[str]:
     elif "diffusers" in suite.peer_impls:
         notes.append("diffusers rows: UNet2DModel with the same architecture and the same weights copied in "
                      "(unet_max_abs_diff in results.json); output_type='np' (includes its copy to the host).")
+    notes.append("Peers of one setting (and the runtimes of one forward) are timed interleaved: each round runs every "
+                 "implementation once, in a rotated order; a speed-up is the median of same-round ratios, so a slow spell "
+                 "of a shared machine slows both sides of it alike.")
     notes.append("Weights are random (seed 0); x_T and noise: fastdiff Philox (engine) vs torch.randn (eager/compile/diffusers).")
     return notes
 
 
-def _run_job(section: str, params: dict, mode: str, suite: Suite, device: torch.device) -> dict:
-    """The row of one job, or a row saying why it was skipped."""
+def _group_key(section: str, p: dict) -> tuple:
+    """Jobs with the same key do the same work and are timed interleaved (cases.run_group): the peers of one
+    (net, batch, sampler, steps), the runtimes of one forward; every step and e2e job is timed alone."""
+    if section == "peers":
+        return (section, p["net"], p["batch"], p["sampler"], p["steps"])
+    if section == "model":
+        return (section, p["net"], p["batch"])
+    return (section, id(p))
+
+
+def _groups(jobs: list[Job]) -> list[list[Job]]:
+    """Consecutive jobs with the same _group_key (the priority sort keeps a setting's jobs together)."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        if groups and _group_key(*groups[-1][0]) == _group_key(*job):
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def _prepare(section: str, params: dict, mode: str, suite: Suite, device: torch.device) -> Case | dict:
+    """The case of one job, or (estimated beyond the case budget, or --full only) the row saying why it is skipped."""
     if section == "step":
-        return run_case(step_case(params["impl"], params["numel"], params["dtype"], device), device, **suite.step_timing)
+        return step_case(params["impl"], params["numel"], params["dtype"], device)
     forward = _forward_s(params["net"], params["batch"], str(device), _kind(params["impl"], device))
     if section == "model":
         est = forward * (1 + suite.model_timing["warmup"] + suite.model_timing["min_runs"])
         if est > suite.case_budget_s:
             return {"section": section, **params, "skipped": f"estimated {est:.0f} s > {suite.case_budget_s:.0f} s"}
-        return run_case(model_case(params["impl"], params["net"], params["batch"], device), device,
-                        **suite.model_timing)
+        return model_case(params["impl"], params["net"], params["batch"], device)
     est = forward * params["steps"] * (2 + suite.e2e_timing["min_runs"])
     if params["impl"] in ("compile",) and mode != "full":
         return {"section": section, **params, "skipped": "torch.compile: --full only"}
@@ -160,15 +191,75 @@ def _run_job(section: str, params: dict, mode: str, suite: Suite, device: torch.
                 "skipped": f"estimated {est:.0f} s > {suite.case_budget_s:.0f} s per case on this device"}
     case = e2e_case(params["impl"], params["net"], params["batch"], params["sampler"], params["steps"], device)
     case.section = section
-    return run_case(case, device, **suite.e2e_timing)
+    return case
+
+
+def _run_group(group: list[Job], mode: str, suite: Suite, device: torch.device) -> list[dict]:
+    """The rows of one group of jobs: prepared, then timed (alone, or interleaved when there are several)."""
+    prepared: list[Case | dict] = []
+    for section, params in group:
+        try:
+            prepared.append(_prepare(section, params, mode, suite, device))
+        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
+            prepared.append(_error_row(section, params, exc))
+    cases = [c for c in prepared if isinstance(c, Case)]
+    section = group[0][0]
+    timing = {"step": suite.step_timing, "model": suite.model_timing}.get(section, suite.e2e_timing)
+    try:
+        if section in ("step", "e2e") or len(cases) == 1:
+            rows = [run_case(c, device, **timing) for c in cases]
+        else:
+            rows = run_group(cases, device, **timing)
+    except Exception as exc:  # noqa: BLE001
+        rows = [_error_row(c.section, c.params, exc) for c in cases]
+    done = iter(rows)
+    return [next(done) if isinstance(c, Case) else c for c in prepared]
+
+
+def _error_row(section: str, params: dict, exc: Exception) -> dict:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    row = {"section": section, **params, "error": f"{type(exc).__name__}: {text}"}
+    warnings.warn(f"bench case {section} {params} failed: {row['error']}", RuntimeWarning, stacklevel=2)
+    return row
+
+
+def _previous(out: Path, mode: str, machine: dict) -> dict:
+    """The results.json an --update run replaces rows of: the same mode, the same CPU/GPU and thread count."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--update: {path} does not exist (run the full suite into --out first)")
+    base = json.loads(path.read_text())
+    same = [k for k in ("device_name", "cpu", "torch_threads") if base["machine"].get(k) != machine.get(k)]
+    if base.get("mode") != mode or same:
+        raise ValueError(f"--update: {path} is a {base.get('mode')} run on another machine or setting "
+                         f"({', '.join(same) or 'mode'} differ); write to a new --out instead")
+    return base
+
+
+def _key(row: dict) -> tuple:
+    return (row["section"],) + tuple((k, row[k]) for k in ("impl", "net", "batch", "sampler", "steps", "numel", "dtype")
+                                     if k in row)
+
+
+def _merged(base: dict, new: dict, only: str | None) -> dict:
+    """base with the rows of new in place of the ones with the same case (new ones appended), and a note."""
+    fresh = {_key(r): r for r in new["rows"]}
+    rows = [fresh.pop(_key(r), r) for r in base["rows"]] + list(fresh.values())
+    when = new["machine"]["date"]
+    notes = base.get("notes", []) + [f"Re-run at {when} (load average {new['machine'].get('load_average')}): the "
+                                     f"cases matching {only!r} ({len(new['rows'])} rows); the rest are from "
+                                     f"{base['machine']['date']}."]
+    return {**base, "rows": rows, "notes": notes}
 
 
 def run_bench(mode: str = "quick", device: str | torch.device = "auto", out: Path | None = None,
               sections: tuple[str, ...] = SECTIONS, time_budget_s: float = 0.0, threads: int | None = None,
-              progress: bool = True, plots: bool = True, only: str | None = None) -> Path:
+              progress: bool = True, plots: bool = True, only: str | None = None, update: bool = False) -> Path:
     """Run the benchmarks (docs/design.md §5); writes results.json, results.md and PNG plots into out
     (default: default_out(device)); returns out. threads sets torch's CPU threads for the run only; only: a
-    regular expression a case's "section:name" must match (e.g. re-running the key rows when the load is low)."""
+    regular expression a case's "section:name" must match (e.g. re-running the key rows when the load is low);
+    update: replace those rows in out/results.json (a run of the same mode on the same machine) instead of writing
+    a new file."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -179,43 +270,46 @@ def run_bench(mode: str = "quick", device: str | torch.device = "auto", out: Pat
         torch.set_num_threads(threads)
     try:
         return _run(mode, device, Path(out) if out else default_out(device), sections, time_budget_s, progress, plots,
-                    only)
+                    only, update)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
 
 
 def _run(mode: str, device: torch.device, out: Path, sections: tuple[str, ...], time_budget_s: float, progress: bool,
-         plots: bool, only: str | None = None) -> Path:
+         plots: bool, only: str | None = None, update: bool = False) -> Path:
     from tqdm import tqdm
 
     suite = make_suite(mode, device)
     result = {"mode": mode, "machine": describe_machine(device), "notes": _notes(mode, device, suite), "rows": []}
     result["machine"]["load_average_start"] = result["machine"].get("load_average")
     jobs = _jobs(suite, list(sections))
+    base = _previous(out, mode, result["machine"]) if update else None
     if only:
         pattern = re.compile(only)
         jobs = [j for j in jobs if pattern.search(f"{j[0]}:" + "-".join(str(v) for v in j[1].values()))]
         result["only"] = only
     start = time.perf_counter()
-    bar = tqdm(jobs, desc=f"bench {mode}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(jobs), desc=f"bench {mode}", disable=not progress, dynamic_ncols=True)
     last_section = None
-    for section, params in bar:
-        bar.set_postfix_str(f"{section} " + " ".join(str(v) for v in params.values()))
+    for group in _groups(jobs):
+        section, params = group[0]
+        bar.set_postfix_str(f"{section} " + " ".join(str(v) for k, v in params.items() if k != "impl"))
         if last_section and section != last_section:
-            write_results(out, result, plots=False)
+            write_results(out, result if base is None else _merged(base, result, only), plots=False)
         last_section = section
-        try:
-            if time_budget_s and time.perf_counter() - start > time_budget_s:
-                row = {"section": section, **params, "skipped": f"time budget of {time_budget_s:.0f} s spent"}
-            else:
-                row = _run_job(section, params, mode, suite, device)
-        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
-            text = str(exc).splitlines()[0][:200] if str(exc) else ""
-            row = {"section": section, **params, "error": f"{type(exc).__name__}: {text}"}
-            warnings.warn(f"bench case {section} {params} failed: {row['error']}", RuntimeWarning, stacklevel=1)
-        result["rows"].append(row)
-    result["total_s"] = time.perf_counter() - start
-    result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        if time_budget_s and time.perf_counter() - start > time_budget_s:
+            rows = [{"section": s, **p, "skipped": f"time budget of {time_budget_s:.0f} s spent"} for s, p in group]
+        else:
+            rows = _run_group(group, mode, suite, device)
+        result["rows"] += rows
+        bar.update(len(group))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if base is None:
+        result["total_s"] = elapsed
+        result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    else:  # total_s: the seconds of every run that wrote the file
+        result = {**_merged(base, result, only), "total_s": (base.get("total_s") or 0.0) + elapsed}
     write_results(out, result, plots=plots)
     return out

@@ -39,9 +39,7 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, min
             for _ in range(inner):
                 fn()
             times.append((time.perf_counter() - t0) / inner)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "min_s": min(times), "q1_s": q[0], "q3_s": q[2],
-            "runs": len(times), "inner": inner}
+    return _stats(times, inner)
 
 
 def calibrate_inner(fn: Callable[[], Any], device: torch.device, target_s: float) -> int:
@@ -53,3 +51,40 @@ def calibrate_inner(fn: Callable[[], Any], device: torch.device, target_s: float
     sync(device)
     dt = max(time.perf_counter() - t0, 1e-7)
     return max(1, min(1000, int(target_s / dt)))
+
+
+def measure_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int = 1,
+                        min_runs: int = 5, max_runs: int = 100, budget_s: float = 2.0) -> dict[str, dict]:
+    """measure() for several implementations of the same work, timed in rounds: each round times one call of
+    every fn, in an order rotated round by round, so a slow spell of a shared machine hits all of them alike.
+
+    budget_s is per implementation (the rounds stop after len(fns) * budget_s). Each result also holds its
+    per-round times ("rounds_s"): round r of two implementations was timed within seconds, so their ratio
+    r by r (paired_speedup) is the fair comparison where the machine's speed drifts."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < budget_s * len(names)):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: _stats(ts) | {"rounds_s": ts} for name, ts in times.items()}
+
+
+def paired_speedup(slow: list[float], fast: list[float]) -> float:
+    """Median over rounds of slow[r] / fast[r] (same-round times of two implementations)."""
+    return statistics.median(s / f for s, f in zip(slow, fast, strict=True))
+
+
+def _stats(times: list[float], inner: int = 1) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "min_s": min(times), "q1_s": q[0], "q3_s": q[2],
+            "runs": len(times), "inner": inner}

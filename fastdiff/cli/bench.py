@@ -29,6 +29,9 @@ def add(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads for the run (default: torch's own choice)")
     p.add_argument("--only", metavar="REGEX", help="run only the cases whose 'section:impl-...' name matches, e.g. "
                    "'peers:.*-digits-(1|64)-ddim-50' (re-running key rows when the load is low)")
+    p.add_argument("--update", action="store_true",
+                   help="re-run the --only cases and replace their rows in the results.json already in --out (same "
+                        "mode and machine); the other rows stay, the notes say what was re-run when")
     p.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)
     add_quiet(p)
     p.set_defaults(run=run)
@@ -44,6 +47,8 @@ def run(a: argparse.Namespace) -> None:
         raise ValueError(f"--sections: choose from {', '.join(SECTIONS)}; got {a.sections!r}")
     if a.threads is not None and a.threads < 1:
         raise ValueError("--threads must be >= 1")
+    if a.update and (a.only is None or a.out is None):
+        raise ValueError("--update needs --only (the cases to re-run) and --out (the folder whose results.json they update)")
     if a.only is not None:
         import re
 
@@ -52,7 +57,7 @@ def run(a: argparse.Namespace) -> None:
         except re.error as e:
             raise ValueError(f"--only: not a regular expression ({e})") from None
     out = run_bench(a.mode, device, a.out, sections, a.time_budget, a.threads, progress=not a.quiet,
-                    plots=not a.no_plots, only=a.only)
+                    plots=not a.no_plots, only=a.only, update=a.update)
     result = json.loads((out / "results.json").read_text())
     done = sum("median_s" in r for r in result["rows"])
     print(f"{done}/{len(result['rows'])} cases measured in {result['total_s']:.0f} s → {out}/results.md")
