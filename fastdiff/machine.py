@@ -56,8 +56,11 @@ def device_name(device: torch.device) -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    """A folder-safe name of the device, e.g. 'nvidia-h100-80gb-hbm3' or 'cpu-amd-epyc-7b13-2c'."""
-    name = device_name(device) if device.type == "cuda" else f"cpu-{cpu_model()}-{os.cpu_count()}c"
+    """A folder-safe name of the device, e.g. 'nvidia-h100-80gb-hbm3' or 'cpu-amd-epyc-7b13-avx512-2c' (the widest
+    vector ISA: VMs of one CPU name come with and without AVX-512)."""
+    isa = next((f for f in ("avx512f", "avx2") if f in cpu_isa()), None)
+    cpu = f"cpu-{cpu_model()}-{isa.removesuffix('f') + '-' if isa else ''}{os.cpu_count()}c"
+    name = device_name(device) if device.type == "cuda" else cpu
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 

@@ -48,6 +48,17 @@ def test_bench_smoke_times_peers_interleaved(tmp_path) -> None:
         assert r["engine_speedup"] == pytest.approx(bench.paired_speedup(r["rounds_s"], engine["rounds_s"]))
 
 
+def test_bench_smoke_times_step_impls_interleaved(tmp_path) -> None:
+    out = tmp_path / "res"
+    assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--sections", "step"]) == 0
+    rows = {r["impl"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"fused", "eager", "copy"} and len({len(r["rounds_s"]) for r in rows.values()}) == 1
+    assert all(r["inner"] >= 1 and r["median_s"] > 0 for r in rows.values())
+    fused, copy = rows["fused"], rows["copy"]
+    want = fused["bytes"] / copy["bytes"] * bench.paired_speedup(copy["rounds_s"], fused["rounds_s"])
+    assert fused["copy_fraction"] == pytest.approx(want) and copy["copy_fraction"] == pytest.approx(1.0)
+
+
 def test_bench_update_replaces_only_the_rerun_rows(tmp_path, capsys) -> None:
     out = tmp_path / "res"
     assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--sections", "step,model"]) == 0

@@ -191,8 +191,8 @@ def run_case(case: Case, device: torch.device, **timing: Any) -> dict:
 
 
 def run_group(cases: list[Case], device: torch.device, **timing: Any) -> list[dict]:
-    """Time cases of the same work (the peers of one setting, the runtimes of one forward) interleaved, round by
-    round (timing.measure_interleaved: its keyword arguments); their rows, in the cases' order."""
+    """Time cases of the same work (the peers of one setting, the runtimes of one forward, the step impls of one
+    size) interleaved, round by round (timing.measure_interleaved: its keyword arguments); their rows, in the cases' order."""
     rows = [{**_head(c), "skipped": c.skip} if c.skip else _head(c) for c in cases]
     live = {c.params["impl"]: (c, row) for c, row in zip(cases, rows) if not c.skip}
     for case, row in live.values():
@@ -204,7 +204,11 @@ def run_group(cases: list[Case], device: torch.device, **timing: Any) -> list[di
                 case.fn()
         return run
 
-    results = measure_interleaved({impl: call(c) for impl, (c, _) in live.items()}, device, **timing)
+    fns = {impl: call(c) for impl, (c, _) in live.items()}
+    if cases and cases[0].section == "step":  # microseconds a call: each sample times ~5 ms (2 ms on CUDA) of calls
+        target = 2e-3 if device.type == "cuda" else 5e-3
+        timing = {**timing, "inner": {impl: calibrate_inner(fn, device, target) for impl, fn in fns.items()}}
+    results = measure_interleaved(fns, device, **timing)
     for impl, (case, row) in live.items():
         row.update(results[impl])
         _finish(case, row)

@@ -13,11 +13,12 @@ from .timing import paired_speedup
 
 def add_derived(rows: list[dict]) -> None:
     """Fraction of the same-run copy bandwidth for the step rows; speed-ups for the peer rows."""
-    copy = {(r["numel"], r["dtype"]): r["gbps"] for r in rows if r["section"] == "step" and r.get("impl") == "copy"
+    copy = {(r["numel"], r["dtype"]): r for r in rows if r["section"] == "step" and r.get("impl") == "copy"
             and "gbps" in r}
     for r in rows:
         if r["section"] == "step" and "gbps" in r and (r["numel"], r["dtype"]) in copy:
-            r["copy_fraction"] = r["gbps"] / copy[(r["numel"], r["dtype"])]
+            c = copy[(r["numel"], r["dtype"])]  # (bytes / t) / (copy bytes / copy t), t paired round by round
+            r["copy_fraction"] = r["bytes"] / c["bytes"] * speedup(c, r)
     engine = {(r["net"], r["batch"], r["sampler"], r["steps"]): r for r in rows
               if r["section"] == "peers" and r["impl"] == "engine" and "median_s" in r}
     for r in rows:
@@ -69,10 +70,10 @@ def targets(rows: list[dict]) -> list[dict]:
         if r and "engine_speedup" in r:
             out.append({"target": f"(CPU) engine >= {goal:g}x diffusers DDIMPipeline (digits, batch {batch}, DDIM-50)",
                         "value": r["engine_speedup"], "met": r["engine_speedup"] >= goal, "detail": ""})
-    step1m = {r["impl"]: r["median_s"] for r in rows if r["section"] == "step" and r.get("numel") == MIB
+    step1m = {r["impl"]: r for r in rows if r["section"] == "step" and r.get("numel") == MIB
               and r.get("dtype") == "fp32" and "median_s" in r}
     if "fused" in step1m and "eager" in step1m:
-        v = step1m["eager"] / step1m["fused"]
+        v = speedup(step1m["eager"], step1m["fused"])
         out.append({"target": "(CPU) fused step >= 10x diffusers' DDIMScheduler.step (1M fp32, eta=1, clip)", "value": v,
                     "met": v >= 10, "detail": ""})
     for r in rows:

@@ -145,8 +145,8 @@ def _notes(mode: str, device: torch.device, suite: Suite) -> list[str]:
     elif "diffusers" in suite.peer_impls:
         notes.append("diffusers rows: UNet2DModel with the same architecture and the same weights copied in "
                      "(unet_max_abs_diff in results.json); output_type='np' (includes its copy to the host).")
-    notes.append("Peers of one setting (and the runtimes of one forward) are timed interleaved: each round runs every "
-                 "implementation once, in a rotated order; a speed-up is the median of same-round ratios, so a slow spell "
+    notes.append("Peers of one setting (and the runtimes of one forward, the step impls of one size) are timed interleaved: "
+                 "each round runs every implementation once (a step sample: ~5 ms of back-to-back calls), in a rotated order; a speed-up is the median of same-round ratios, so a slow spell "
                  "of a shared machine slows both sides of it alike.")
     notes.append("Weights are random (seed 0); x_T and noise: fastdiff Philox (engine) vs torch.randn (eager/compile/diffusers).")
     return notes
@@ -154,11 +154,14 @@ def _notes(mode: str, device: torch.device, suite: Suite) -> list[str]:
 
 def _group_key(section: str, p: dict) -> tuple:
     """Jobs with the same key do the same work and are timed interleaved (cases.run_group): the peers of one
-    (net, batch, sampler, steps), the runtimes of one forward; every step and e2e job is timed alone."""
+    (net, batch, sampler, steps), the runtimes of one forward, the step impls of one (size, dtype); every e2e job
+    is timed alone."""
     if section == "peers":
         return (section, p["net"], p["batch"], p["sampler"], p["steps"])
     if section == "model":
         return (section, p["net"], p["batch"])
+    if section == "step":
+        return (section, p["numel"], p["dtype"])
     return (section, id(p))
 
 
@@ -206,7 +209,7 @@ def _run_group(group: list[Job], mode: str, suite: Suite, device: torch.device) 
     section = group[0][0]
     timing = {"step": suite.step_timing, "model": suite.model_timing}.get(section, suite.e2e_timing)
     try:
-        if section in ("step", "e2e") or len(cases) == 1:
+        if section == "e2e" or len(cases) == 1:
             rows = [run_case(c, device, **timing) for c in cases]
         else:
             rows = run_group(cases, device, **timing)
@@ -229,7 +232,7 @@ def _previous(out: Path, mode: str, machine: dict) -> dict:
     if not path.is_file():
         raise ValueError(f"--update: {path} does not exist (run the full suite into --out first)")
     base = json.loads(path.read_text())
-    same = [k for k in ("device_name", "cpu", "torch_threads") if base["machine"].get(k) != machine.get(k)]
+    same = [k for k in ("device_name", "cpu", "cpu_isa", "torch_threads") if base["machine"].get(k) != machine.get(k)]
     if base.get("mode") != mode or same:
         raise ValueError(f"--update: {path} is a {base.get('mode')} run on another machine or setting "
                          f"({', '.join(same) or 'mode'} differ); write to a new --out instead")

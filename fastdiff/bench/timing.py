@@ -54,14 +54,17 @@ def calibrate_inner(fn: Callable[[], Any], device: torch.device, target_s: float
 
 
 def measure_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int = 1,
-                        min_runs: int = 5, max_runs: int = 100, budget_s: float = 2.0) -> dict[str, dict]:
-    """measure() for several implementations of the same work, timed in rounds: each round times one call of
-    every fn, in an order rotated round by round, so a slow spell of a shared machine hits all of them alike.
+                        min_runs: int = 5, max_runs: int = 100, budget_s: float = 2.0,
+                        inner: dict[str, int] | None = None) -> dict[str, dict]:
+    """measure() for several implementations of the same work, timed in rounds: each round times one sample of
+    every fn (inner[name] back-to-back calls, default 1), in an order rotated round by round, so a slow spell of a
+    shared machine hits all of them alike.
 
     budget_s is per implementation (the rounds stop after len(fns) * budget_s). Each result also holds its
     per-round times ("rounds_s"): round r of two implementations was timed within seconds, so their ratio
     r by r (paired_speedup) is the fair comparison where the machine's speed drifts."""
     names = list(fns)
+    inner = {name: (inner or {}).get(name, 1) for name in names}
     for _ in range(warmup):
         for name in names:
             fns[name]()
@@ -71,12 +74,14 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
     while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < budget_s * len(names)):
         shift = rounds % len(names)
         for name in names[shift:] + names[:shift]:
+            fn, n = fns[name], inner[name]
             t0 = time.perf_counter()
-            fns[name]()
+            for _ in range(n):
+                fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0) / n)
         rounds += 1
-    return {name: _stats(ts) | {"rounds_s": ts} for name, ts in times.items()}
+    return {name: _stats(ts, inner[name]) | {"rounds_s": ts} for name, ts in times.items()}
 
 
 def paired_speedup(slow: list[float], fast: list[float]) -> float:
