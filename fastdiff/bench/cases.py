@@ -173,15 +173,19 @@ def _finish(case: Case, row: dict) -> dict:
     return row
 
 
+def _step_inner(fn: Callable[[], Any], device: torch.device) -> int:
+    """Calls per timed sample of a step case: a call takes microseconds, a sample ~5 ms (2 ms on CUDA)."""
+    return calibrate_inner(fn, device, 2e-3 if device.type == "cuda" else 5e-3)
+
+
 def run_case(case: Case, device: torch.device, **timing: Any) -> dict:
     """Time a case (timing: measure's keyword arguments); the row of results.json."""
     row = _head(case)
     if case.skip:
         return {**row, "skipped": case.skip}
     if case.section == "step":
-        target = 2e-3 if device.type == "cuda" else 5e-3
         with _context(case):
-            timing = {**timing, "inner": calibrate_inner(case.fn, device, target)}
+            timing = {**timing, "inner": _step_inner(case.fn, device)}
             row.update(measure(case.fn, device, **timing))
     else:
         row["first_call_s"] = _first_call(case, device)
@@ -205,9 +209,8 @@ def run_group(cases: list[Case], device: torch.device, **timing: Any) -> list[di
         return run
 
     fns = {impl: call(c) for impl, (c, _) in live.items()}
-    if cases and cases[0].section == "step":  # microseconds a call: each sample times ~5 ms (2 ms on CUDA) of calls
-        target = 2e-3 if device.type == "cuda" else 5e-3
-        timing = {**timing, "inner": {impl: calibrate_inner(fn, device, target) for impl, fn in fns.items()}}
+    if cases and cases[0].section == "step":
+        timing = {**timing, "inner": {impl: _step_inner(fn, device) for impl, fn in fns.items()}}
     results = measure_interleaved(fns, device, **timing)
     for impl, (case, row) in live.items():
         row.update(results[impl])
