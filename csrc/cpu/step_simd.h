@@ -28,7 +28,8 @@ void noise_groups_simd(uint64_t seed, uint32_t step, uint64_t g0, int64_t n, flo
 
 template <class L, class IO>
 void step_simd(const typename IO::T* x, const typename IO::T* m, const float* z, typename IO::T* out, int64_t n,
-               const StepParams& p) {
+               const StepParams& params) {
+  const StepParams p = params;  // a local copy: out may alias params for all the compiler knows (reloads per vector)
   using T = typename IO::T;
   using F = typename L::F;
   constexpr int W = L::width;
