@@ -51,7 +51,7 @@ def _extensions() -> tuple[list, dict]:
     # No -std flag: torch picks the one its headers need (C++20 for torch >= 2.10; C++17 fails).
     host = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     if sys.platform.startswith("linux"):  # GCC: its pre-allocation scheduler, off on x86 by default, interleaves
-        host += ["-fschedule-insns", "-fsched-pressure"]  # the independent noise chains (same results, ~20 % faster)
+        host += ["-fschedule-insns", "-fsched-pressure"]  # the independent noise chains (same results; docs/performance.md)
     # csrc/cpu/step_avx*.cpp: the AVX2 / AVX-512 kernels (per-function ISA targets, picked at load time)
     sources = ["csrc/ops.cpp", "csrc/cpu/step_avx2.cpp", "csrc/cpu/step_avx512.cpp"]
     sources.append("csrc/multistep.cpp")  # DPM-Solver++ multistep_step (its own schema fragment)
