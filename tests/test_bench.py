@@ -126,3 +126,38 @@ def test_diffusers_unet_same_weights_same_output() -> None:
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
     with torch.inference_mode():
         torch.testing.assert_close(theirs(x, t).sample, ours(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_forward_gflop_counts_the_convolutions() -> None:
+    """The roofline's work per forward: 2 FLOPs per multiply-add of every conv (counted here by hooks), plus the
+    small matrix products; linear in the batch."""
+    from fastdiff.bench.cases import forward_gflop
+
+    model, macs = bench.get_model("digits", "cpu"), []
+
+    def count(module, inputs, out):
+        macs.append(out.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *bench.image_shape("digits")), torch.full((1,), 500))
+    finally:
+        for h in hooks:
+            h.remove()
+    conv_gflop = 2 * sum(macs) / 1e9
+    assert conv_gflop <= forward_gflop("digits", 1) <= 1.05 * conv_gflop
+    assert forward_gflop("digits", 4) == pytest.approx(4 * forward_gflop("digits", 1))
+
+
+def test_fp32_bound_and_of_peak() -> None:
+    """of_peak pairs a forward with the same-run peak conv; the target's bound is per-step time / (work / peak)."""
+    rows = [{"section": "model", "impl": "torch", "net": "digits", "batch": 64, "median_s": 0.08, "gflop": 8.0},
+            {"section": "model", "impl": "fp32-peak", "net": "digits", "batch": 64, "median_s": 0.02, "gflop": 4.0}]
+    bench.add_derived(rows)
+    assert rows[0]["gflops"] == pytest.approx(100.0) and rows[1]["gflops"] == pytest.approx(200.0)
+    assert rows[0]["of_peak"] == pytest.approx(0.5) and "vs_torch" not in rows[1]
+    from fastdiff.bench.report import fp32_bound
+
+    assert fp32_bound(rows, "digits", 64, per_step_s=0.08) == "(fp32 bound 2.0x: 8.00 GFLOP a forward at 200 GFLOP/s)"
+    assert fp32_bound(rows, "digits", 1, per_step_s=0.08) == ""

@@ -2,6 +2,7 @@
 of results.json that timing one gives."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from ..interop.diffusers import diffusers_available
 from ..sampling import make_seeds
 from ..schedule import NoiseSchedule, StepCoefs
 from .baselines import alpha_table, compiled_step, diffusers_ddim_step, eager_loop
-from .constants import DTYPE_NAMES, MODEL_IMPLS, PEER_IMPLS, STEP_IMPLS
+from .constants import DTYPE_NAMES, MODEL_IMPLS, PEAK_CONV, PEER_IMPLS, STEP_IMPLS
 from .models import (get_compiled, get_engine, get_model, get_onnx_sampler, get_ort_model, get_pipeline,
                      image_shape)
 from .timing import calibrate_inner, measure, measure_interleaved, sync
@@ -130,18 +131,42 @@ def e2e_case(impl: str, net: str, batch: int, sampler: str, steps: int, device: 
 
 
 def model_case(impl: str, net: str, batch: int, device: torch.device | str) -> Case:
-    """One forward of the network at timestep 500: eager torch, or the engine's ORT model (fp32 / INT8)."""
+    """One forward of the network at timestep 500 (eager torch, or the engine's ORT model, fp32 / INT8), or the
+    same-run fp32 peak (a dense conv); info["gflop"]: the forward's floating-point work (torch's FlopCounterMode:
+    convolutions and matrix products, 2 per multiply-add)."""
     device = torch.device(device)
     params = {"impl": impl, "net": net, "batch": batch}
     if impl not in MODEL_IMPLS:
         raise ValueError(f"impl must be one of {MODEL_IMPLS}; got {impl!r}")
     if device.type == "cuda" and (impl != "torch" or not torch.cuda.is_available()):
         return Case("model", params, skip="ONNX Runtime rows are CPU rows" if impl != "torch" else "no CUDA device")
+    if impl == "fp32-peak":
+        return _peak_case(params, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((batch, *image_shape(net)), generator=g).to(device)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     model = get_model(net, str(device)) if impl == "torch" else get_ort_model(net, impl == "ort-int8")
-    return Case("model", params, lambda: model(x, t))
+    return Case("model", params, lambda: model(x, t), info={"gflop": forward_gflop(net, batch)})
+
+
+@functools.lru_cache(maxsize=None)
+def forward_gflop(net: str, batch: int) -> float:
+    """GFLOP of one fp32 forward of the preset at `batch` (counted on the CPU model, batch-linear)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = get_model(net, "cpu")
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.zeros((1, *image_shape(net))), torch.full((1,), 500))
+    return counter.get_total_flops() * batch / 1e9
+
+
+def _peak_case(params: dict, device: torch.device) -> Case:
+    b, c, hw = PEAK_CONV
+    conv = torch.nn.Conv2d(c, c, 3, padding=1).to(device, memory_format=torch.channels_last)
+    x = torch.randn(b, c, hw, hw, device=device).contiguous(memory_format=torch.channels_last)
+    gflop = 2 * b * c * c * 9 * hw * hw / 1e9
+    return Case("model", params, lambda: conv(x), info={"gflop": gflop, "what": f"conv3x3 {b}x{c}x{hw}x{hw} -> {c}"})
 
 
 def _context(case: Case):

@@ -10,7 +10,10 @@ STEP_IMPLS = ("fused", "eager", "compile", "copy")
 # the INT8 ONNX runtime of the Engine; ort-fp32 / ort-int8: the torch-free ONNX sampler (fastdiff.export.runtime)
 PEER_IMPLS = ("engine", "engine-bf16", "engine-torch", "engine-int8", "ort-fp32", "ort-int8", "eager", "compile",
               "diffusers")
-MODEL_IMPLS = ("torch", "ort-fp32", "ort-int8")  # one forward of the network (the model section)
+# one forward of the network (the model section); fp32-peak: the machine's fp32 convolution throughput, timed with
+# them (PEAK_CONV: a dense 3x3 conv, batch 64, 128 -> 128 channels, 16x16, channels_last, torch's oneDNN)
+MODEL_IMPLS = ("torch", "ort-fp32", "ort-int8", "fp32-peak")
+PEAK_CONV = (64, 128, 16)
 NETS = ("cifar-ddpm", "digits")
 SECTIONS = ("step", "model", "peers", "e2e")
 

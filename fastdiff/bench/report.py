@@ -28,10 +28,27 @@ def add_derived(rows: list[dict]) -> None:
     model = {(r["net"], r["batch"], r["impl"]): r for r in rows if r["section"] == "model" and "median_s" in r}
     for r in rows:
         if r["section"] == "model" and "median_s" in r:
-            if (r["net"], r["batch"], "torch") in model:
+            if (r["net"], r["batch"], "torch") in model and r["impl"] != "fp32-peak":
                 r["vs_torch"] = speedup(model[(r["net"], r["batch"], "torch")], r)
             if r["impl"] == "ort-int8" and (r["net"], r["batch"], "ort-fp32") in model:
                 r["vs_ort_fp32"] = speedup(model[(r["net"], r["batch"], "ort-fp32")], r)
+            if "gflop" in r:
+                r["gflops"] = r["gflop"] / r["median_s"]
+            peak = model.get((r["net"], r["batch"], "fp32-peak"))
+            if "gflop" in r and peak and r is not peak:  # paired: (work / t) / (peak work / peak t)
+                r["of_peak"] = r["gflop"] / peak["gflop"] * speedup(peak, r)
+
+
+def fp32_bound(rows: list[dict], net: str, batch: int, per_step_s: float) -> str:
+    """How many times faster than `per_step_s` a step can be if the fp32 forward ran at the machine's measured conv
+    peak (the best fp32-peak row) and nothing else took time; '' when the run lacks the rows."""
+    peaks = [r["gflops"] for r in rows if r["section"] == "model" and r.get("impl") == "fp32-peak" and "gflops" in r]
+    work = [r["gflop"] for r in rows if r["section"] == "model" and (r.get("net"), r.get("batch")) == (net, batch)
+            and r.get("impl") == "torch" and "gflop" in r]
+    if not peaks or not work:
+        return ""
+    floor = work[0] / max(peaks)
+    return f"(fp32 bound {per_step_s / floor:.1f}x: {work[0]:.2f} GFLOP a forward at {max(peaks):.0f} GFLOP/s)"
 
 
 def speedup(slow: dict, fast: dict) -> float:
@@ -69,7 +86,8 @@ def targets(rows: list[dict]) -> list[dict]:
         r = peer("diffusers", "digits", batch, "ddim", 50)
         if r and "engine_speedup" in r:
             out.append({"target": f"(CPU) engine >= {goal:g}x diffusers DDIMPipeline (digits, batch {batch}, DDIM-50)",
-                        "value": r["engine_speedup"], "met": r["engine_speedup"] >= goal, "detail": ""})
+                        "value": r["engine_speedup"], "met": r["engine_speedup"] >= goal,
+                        "detail": fp32_bound(rows, "digits", batch, r["median_s"] / 50)})
     step1m = {r["impl"]: r for r in rows if r["section"] == "step" and r.get("numel") == MIB
               and r.get("dtype") == "fp32" and "median_s" in r}
     if "fused" in step1m and "eager" in step1m:
@@ -123,16 +141,22 @@ def markdown(result: dict) -> str:
     mr = [r for r in rows if r["section"] == "model"]
     if mr:
         lines += ["## (m) One forward of the network", "", "torch = eager; ort-fp32 / ort-int8 = the engine's ONNX Runtime "
-                  "model (IOBinding).", "", "| net | batch | impl | latency (ms) | best (ms) | vs torch | int8 vs ort-fp32 |"
-                  " load |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+                  "model (IOBinding); fp32-peak = a dense 3x3 conv in torch's oneDNN, the machine's fp32 convolution throughput "
+                  "in the same rounds; GFLOP/s = the forward's convolutions and matrix products (2 per multiply-add) / "
+                  "median; of peak = that over the peak row's, paired round by round.", "",
+                  "| net | batch | impl | latency (ms) | best (ms) | vs torch | int8 vs ort-fp32 | GFLOP/s | of peak |"
+                  " load |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in mr:
             head = f"| {r['net']} | {r['batch']} | {r['impl']} |"
             if "skipped" in r or "error" in r:
-                lines.append(f"{head} {r.get('skipped') or r.get('error')} | | | | |")
+                lines.append(f"{head} {r.get('skipped') or r.get('error')} | | | | | | |")
                 continue
             vt = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ""
             vo = f"{r['vs_ort_fp32']:.2f}x" if "vs_ort_fp32" in r else ""
-            lines.append(f"{head} {r['latency_ms']:.2f} | {r['best_ms']:.2f} | {vt} | {vo} | {r.get('load_avg_1m') or 0:.1f} |")
+            gf = f"{r['gflops']:.0f}" if "gflops" in r else ""
+            op = f"{r['of_peak']:.2f}" if "of_peak" in r else ""
+            lines.append(f"{head} {r['latency_ms']:.2f} | {r['best_ms']:.2f} | {vt} | {vo} | {gf} | {op} | "
+                         f"{r.get('load_avg_1m') or 0:.1f} |")
         lines.append("")
     for sec, title in (("peers", "(c) Peers: same network, same weights"), ("e2e", "(b) End to end: the engine")):
         sr = [r for r in rows if r["section"] == sec]

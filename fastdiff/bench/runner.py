@@ -118,7 +118,7 @@ def _forward_s(net: str, batch: int, device: str, kind: str = "torch") -> float:
 
 def _kind(impl: str, device: torch.device) -> str:
     """Which network runtime an e2e/peer/model case runs (for its cost estimate)."""
-    if device.type == "cuda" or impl in ("engine-torch", "engine-bf16", "eager", "compile", "diffusers", "torch"):
+    if device.type == "cuda" or impl in ("engine-torch", "engine-bf16", "eager", "compile", "diffusers", "torch", "fp32-peak"):
         return "torch"
     return "ort-int8" if impl in ("engine-int8", "ort-int8") else "ort-fp32"
 

@@ -54,7 +54,7 @@ def make_suite(mode: str, device: torch.device) -> Suite:
                      ["engine", "engine-bf16", "engine-torch", "eager", "diffusers"],
                      {"warmup": 3, "min_runs": 10, "max_runs": 50, "budget_s": 0.5},
                      {"warmup": 1, "min_runs": 3, "max_runs": 10, "budget_s": 2.0}, 30.0,
-                     [("digits", 1), ("digits", 16)], ["torch", "ort-fp32"], model_timing)
+                     [("digits", 1), ("digits", 16)], ["torch", "ort-fp32", "fp32-peak"], model_timing)
     sizes = [64 * KIB * 4**i for i in range(6 if cuda else 5)]  # 64K..64M (CPU: ..16M)
     if cuda:
         return Suite(sizes, ["fp32", "bf16"], list(STEP_IMPLS),
