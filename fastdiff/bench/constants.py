@@ -11,9 +11,10 @@ STEP_IMPLS = ("fused", "eager", "compile", "copy")
 PEER_IMPLS = ("engine", "engine-bf16", "engine-torch", "engine-int8", "ort-fp32", "ort-int8", "eager", "compile",
               "diffusers")
 # one forward of the network (the model section); fp32-peak: the machine's fp32 convolution throughput, timed with
-# them (PEAK_CONV: a dense 3x3 conv, batch 64, 128 -> 128 channels, 16x16, channels_last, torch's oneDNN)
+# them (PEAK_CONV: a dense 3x3 conv, batch 64, 128 -> 128 channels, 8x8, channels_last, torch's oneDNN: the
+# fastest of the shapes tried on a 2-core EPYC, ~235 GFLOP/s alone)
 MODEL_IMPLS = ("torch", "ort-fp32", "ort-int8", "fp32-peak")
-PEAK_CONV = (64, 128, 16)
+PEAK_CONV = (64, 128, 8)
 NETS = ("cifar-ddpm", "digits")
 SECTIONS = ("step", "model", "peers", "e2e")
 

@@ -40,15 +40,15 @@ def add_derived(rows: list[dict]) -> None:
 
 
 def fp32_bound(rows: list[dict], net: str, batch: int, per_step_s: float) -> str:
-    """How many times faster than `per_step_s` a step can be if the fp32 forward ran at the machine's measured conv
-    peak (the best fp32-peak row) and nothing else took time; '' when the run lacks the rows."""
-    peaks = [r["gflops"] for r in rows if r["section"] == "model" and r.get("impl") == "fp32-peak" and "gflops" in r]
-    work = [r["gflop"] for r in rows if r["section"] == "model" and (r.get("net"), r.get("batch")) == (net, batch)
-            and r.get("impl") == "torch" and "gflop" in r]
-    if not peaks or not work:
+    """How many times faster than `per_step_s` a step can be if the fp32 forward ran at the best fp32 throughput of
+    the run (the fp32-peak conv, or a forward if one ran faster) and nothing else took time; '' without the rows."""
+    fp32 = [r for r in rows if r["section"] == "model" and r.get("impl") in ("fp32-peak", "torch", "ort-fp32")
+            and "gflops" in r]
+    work = [r["gflop"] for r in fp32 if (r["net"], r["batch"]) == (net, batch)]
+    if not work:
         return ""
-    floor = work[0] / max(peaks)
-    return f"(fp32 bound {per_step_s / floor:.1f}x: {work[0]:.2f} GFLOP a forward at {max(peaks):.0f} GFLOP/s)"
+    best = max(r["gflops"] for r in fp32)
+    return f"(fp32 bound {per_step_s / (work[0] / best):.1f}x: {work[0]:.2f} GFLOP a forward at {best:.0f} GFLOP/s)"
 
 
 def speedup(slow: dict, fast: dict) -> float:

@@ -66,6 +66,7 @@ class OnnxSampler:
                 raise ValueError(f"providers {missing} are not available in this onnxruntime "
                                  f"(available: {ort.get_available_providers()})")
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.force_spinning_stop", "1")  # no spinning workers between runs
         if threads is not None:
             check_int("threads", threads, 1)
             options.intra_op_num_threads = threads
