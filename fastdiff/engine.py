@@ -23,7 +23,10 @@ IOBinding over torch tensors, with the fused C++ step between calls; runtime="to
 ORT cannot run the model, with a warning) runs the model in eager torch under torch.inference_mode.
 Threads: the ORT session gets `num_threads` (default: torch's thread count when it is built) and, while it
 runs, torch's own pool is set to one thread - the step is tiny beside the model, and two thread pools
-spinning on the same cores slow each other down. The torch runtime leaves torch's thread count alone
+spinning on the same cores slow each other down. A batch of n >= 2 runs as min(n, threads, `workers`) independent
+loops over slices of the batch, each on its own thread with a one-thread ORT session (data parallelism: a small
+net's convolutions split across threads inside one call much less well; 1.2-1.4x on 2 cores from batch 2 to 64,
+docs/performance.md). Per-sample seeds make the images the same as one loop's. The torch runtime leaves torch's thread count alone
 unless `num_threads` is given (then it is set for the duration of each `sample` call).
 
 Every path runs the one loop `fastdiff.sampling.denoise` (ORT as a `model(x, t, y)` callable). Results equal
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -75,6 +79,7 @@ class Engine:
     use_graphs: capture CUDA graphs (CUDA only; ignored on the CPU).
     cache_size: captured graphs kept (least recently used evicted first).
     num_threads: CPU threads: the ORT session's, or torch's during `sample` (None: torch's setting).
+    workers: the most loops a CPU batch is split into on the ort runtime (None: one per thread; 1: never split).
     runtime: "auto" (cuda-graph on CUDA, ort on the CPU when onnxruntime is installed and the model is a
     fastdiff UNet), "ort", "torch" or "cuda-graph" (fastdiff.runtimes); `runtime` says which one runs.
     int8: run the INT8 ONNX model (quantized once, cached beside the fp32 export; needs the ort runtime).
@@ -86,7 +91,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, channels_last: bool = True, use_graphs: bool = True,
                  cache_size: int = 8, num_threads: int | None = None, check_finite: bool = True,
-                 runtime: str = "auto", int8: bool = False):
+                 runtime: str = "auto", int8: bool = False, workers: int | None = None):
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a fastdiff NoiseSchedule; got {type(schedule).__name__}")
         if dtype not in DTYPES:
@@ -94,6 +99,8 @@ class Engine:
         check_int("cache_size", cache_size, 1)
         if num_threads is not None:
             check_int("num_threads", num_threads, 1)
+        if workers is not None:
+            check_int("workers", workers, 1)
         if device is None:
             try:
                 device = next(model.parameters()).device
@@ -113,6 +120,7 @@ class Engine:
         self.use_graphs = self.runtime == "cuda-graph"
         self.cache_size = cache_size
         self.num_threads = num_threads
+        self.workers = workers
         self.check_finite = check_finite
         if isinstance(model, torch.nn.Module):
             model = model.to(self.device).eval()
@@ -120,6 +128,7 @@ class Engine:
                 model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._ort: runtimes.OrtModel | None = None
+        self._ort_workers: list[runtimes.OrtModel] = []  # one-thread sessions of the split loops
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warned = False
         self.stats = {"captures": 0, "replays": 0, "eager_runs": 0, "evictions": 0, "capture_failures": 0}
@@ -162,7 +171,7 @@ class Engine:
         """Drop every captured graph (and its memory pool) and the ORT session; the next `sample` captures or
         loads again (re-exporting if the model's weights changed: the ORT runtime snapshots them on first use)."""
         self._graphs.clear()
-        self._ort = None
+        self._ort, self._ort_workers = None, []
 
     @property
     def runtime_info(self) -> dict:
@@ -170,7 +179,7 @@ class Engine:
         info = {"runtime": self.runtime, "device": str(self.device),
                 "precision": "int8" if self.int8 else (str(self.dtype).removeprefix("torch.") if self.dtype else "fp32")}
         if self._ort is not None:
-            info.update(onnx=str(self._ort.path), threads=self._ort.threads)
+            info.update(onnx=str(self._ort.path), threads=self._ort.threads, workers=self._max_parts())
         return info
 
     @property
@@ -222,11 +231,42 @@ class Engine:
 
     def _loop(self, seeds: torch.Tensor, image_shape: tuple[int, ...], plan: list[Step], y: torch.Tensor | None,
               guidance: float, progress: bool = False, on_step=None) -> torch.Tensor:
-        """x_T from the fused op, then the one denoising loop; no host sync on CUDA."""
+        """x_T from the fused op, then the one denoising loop (on the ort runtime a batch runs as several
+        loops over slices of it, in parallel: _split_loop); no host sync on CUDA."""
+        parts = min(len(seeds), self._max_parts())
+        if parts > 1:
+            return self._split_loop(parts, seeds, image_shape, plan, y, guidance, progress, on_step)
+        return self._denoise(self._model_fn(), seeds, image_shape, plan, y, guidance, progress, on_step)
+
+    def _denoise(self, model: Model, seeds, image_shape, plan, y, guidance, progress=False, on_step=None):
         x = initial_noise(seeds, image_shape, memory_format=self._layout(image_shape))
-        return denoise(self._model_fn(), x, seeds, plan, y=y, guidance=guidance, autocast=self._autocast,
+        return denoise(model, x, seeds, plan, y=y, guidance=guidance, autocast=self._autocast,
                        check_finite=self.check_finite and self.device.type == "cpu", progress=progress,
                        on_step=on_step)
+
+    def _max_parts(self) -> int:
+        """How many loops a batch may be split into: one per thread of the ORT session (at most `workers`)."""
+        if self.runtime != "ort" or self._ort is None:
+            return 1
+        return min(self._ort.threads, self.workers or self._ort.threads)
+
+    def _split_loop(self, parts, seeds, image_shape, plan, y, guidance, progress, on_step) -> torch.Tensor:
+        """The batch as `parts` slices, each denoised on its own thread by its own one-thread ORT session; the first
+        slice's loop reports progress (every slice runs the same steps)."""
+        while len(self._ort_workers) < parts:
+            self._ort_workers.append(runtimes.OrtModel(self._ort.path, 1))
+        slices = [(int(s[0]), int(s[-1]) + 1) for s in torch.arange(len(seeds)).tensor_split(parts)]
+
+        def run(i: int) -> torch.Tensor:
+            a, b = slices[i]
+            with torch.inference_mode():  # thread-local: each worker thread enters it
+                return self._denoise(self._ort_workers[i], seeds[a:b], image_shape, plan,
+                                     None if y is None else y[a:b], guidance, *((progress, on_step) if i == 0 else ()))
+
+        with ThreadPoolExecutor(parts - 1) as pool:
+            rest = [pool.submit(run, i) for i in range(1, parts)]
+            first = run(0)
+            return torch.cat([first] + [f.result() for f in rest])
 
     def _key(self, n, image_shape, sampler, steps, y, guidance, options) -> tuple:
         return (n, image_shape, sampler, steps, tuple(sorted(options.items())), self.dtype, self.channels_last,

@@ -185,6 +185,41 @@ def test_threads(tiny_model) -> None:
 
 
 @needs_ort
+@pytest.mark.parametrize("int8", [False, True])
+def test_batch_split_across_threads(digits, int8) -> None:
+    """A CPU batch runs as one loop per ORT thread over slices of it (one-thread sessions): the same images as one
+    loop (per-sample seeds; the sessions' convolutions may round differently by batch size, within the runtimes'
+    tolerance), class ids and guidance follow their samples, on_step counts the steps once."""
+    model, schedule = digits
+    seeds, classes = sampling.make_seeds(7, 5), torch.tensor([0, 3, 1, 4, 2])
+    split = Engine(model, schedule, num_threads=2, int8=int8)
+    steps = []
+    got = split.sample(seeds, (1, 16, 16), "ddim", 6, eta=1.0, on_step=steps.append)
+    assert split.runtime_info["workers"] == 2 and len(split._ort_workers) == 2 and steps == list(range(1, 7))
+    whole = Engine(model, schedule, num_threads=2, int8=int8, workers=1)
+    want = whole.sample(seeds, (1, 16, 16), "ddim", 6, eta=1.0)
+    assert whole.runtime_info["workers"] == 1 and not whole._ort_workers
+    assert (got - want).abs().max().item() <= ORT_VS_TORCH_MAX_ABS  # measured: 0 (AVX-512 EPYC, fp32 and int8)
+    alone = torch.cat([Engine(model, schedule, num_threads=1, int8=int8).sample(seeds[i:i + 1], (1, 16, 16), "ddim", 6,
+                                                                                  eta=1.0) for i in (0, 4)])
+    assert (got[[0, 4]] - alone).abs().max().item() <= ORT_VS_TORCH_MAX_ABS
+    if not int8:  # a class-conditional model under guidance: each slice takes its own class ids
+        import dataclasses
+
+        torch.manual_seed(0)
+        cond = UNet(dataclasses.replace(model.config, num_classes=5)).eval()
+        a = Engine(cond, schedule, num_threads=2).sample(seeds, (1, 16, 16), "ddim", 3, classes=classes, guidance=2.0)
+        b = Engine(cond, schedule, runtime="torch").sample(seeds, (1, 16, 16), "ddim", 3, classes=classes, guidance=2.0)
+        assert (a - b).abs().max().item() <= ORT_VS_TORCH_MAX_ABS
+
+
+def test_bad_workers(tiny_model) -> None:
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="workers"):
+            Engine(tiny_model, NoiseSchedule(), workers=bad)
+
+
+@needs_ort
 def test_int8_runtime(digits, cache) -> None:
     model, schedule = digits
     seeds = sampling.make_seeds(0, 4)

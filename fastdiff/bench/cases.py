@@ -95,10 +95,10 @@ def e2e_case(impl: str, net: str, batch: int, sampler: str, steps: int, device: 
         dtype = "bf16" if impl == "engine-bf16" else "fp32"
         if dtype == "bf16" and device.type == "cpu":
             return Case("e2e", params, skip="bf16 autocast is a GPU row")
-        if impl == "engine-int8" and device.type == "cuda":
-            return Case("e2e", params, skip="the INT8 ONNX runtime is a CPU row")
+        if impl in ("engine-int8", "engine-unsplit") and device.type == "cuda":
+            return Case("e2e", params, skip="an ONNX Runtime row: CPU only")
         engine = get_engine(net, dev, dtype, runtime="torch" if impl == "engine-torch" else "auto",
-                            int8=impl == "engine-int8")
+                            int8=impl == "engine-int8", workers=1 if impl == "engine-unsplit" else None)
         seeds = make_seeds(0, batch, device)
 
         def run_engine() -> torch.Tensor:

@@ -31,13 +31,14 @@ def image_shape(net: str) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def get_engine(net: str, device: str, dtype_name: str = "fp32", runtime: str = "auto", int8: bool = False) -> Engine:
+def get_engine(net: str, device: str, dtype_name: str = "fp32", runtime: str = "auto", int8: bool = False,
+               workers: int | None = None) -> Engine:
     """The Engine over get_model's weights; channels_last on CUDA (tensor cores like NHWC; on the CPU it
     measured no gain for these nets, and the ort runtime reads NCHW)."""
     dev = torch.device(device)
     model = get_model(net, device) if dev.type == "cpu" else _private_model(net, device)
     return Engine(model, NoiseSchedule(), device=dev, dtype=DTYPE_NAMES[dtype_name], channels_last=dev.type == "cuda",
-                  runtime=runtime, int8=int8)
+                  runtime=runtime, int8=int8, workers=workers)
 
 
 @functools.lru_cache(maxsize=None)

@@ -134,7 +134,8 @@ def _notes(mode: str, device: torch.device, suite: Suite) -> list[str]:
                      "budget); the step section keeps its compiled step.")
     if device.type == "cpu":
         notes.append("Runtimes: engine = Engine(runtime='auto') = ONNX Runtime model + fused torch step; engine-torch = "
-                     "the eager torch model + fused step; engine-int8 = the INT8 ONNX model; ort-fp32/ort-int8 = the "
+                     "the eager torch model + fused step; engine-int8 = the INT8 ONNX model; engine-unsplit = the engine with "
+                     "the batch in one loop (workers=1; the default splits a batch into one loop per thread); ort-fp32/ort-int8 = the "
                      "torch-free ONNX sampler (fastdiff.export.runtime: NumPy step); model = one forward alone.")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         if load > 0.5 * (os.cpu_count() or 1):
