@@ -254,7 +254,7 @@ class Engine:
         """The batch as `parts` slices, each denoised on its own thread by its own one-thread ORT session; the first
         slice's loop reports progress (every slice runs the same steps)."""
         while len(self._ort_workers) < parts:
-            self._ort_workers.append(runtimes.OrtModel(self._ort.path, 1))
+            self._ort_workers.append(self._ort.sibling(1))
         slices = [(int(s[0]), int(s[-1]) + 1) for s in torch.arange(len(seeds)).tensor_split(parts)]
 
         def run(i: int) -> torch.Tensor:

@@ -16,12 +16,14 @@ on a small CPU. If a future torch drops it, ``exporter="dynamo"`` (external_data
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 import torch
@@ -34,6 +36,7 @@ from .onnx_format import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_F
 from .schedule import NoiseSchedule
 
 MIN_OPSET = 17
+KEY_GRAPH = "fastdiff.graph"  # "engine-body" on the engine's internal files (export_engine_body)
 TWO_GB = 2**31
 
 
@@ -86,6 +89,71 @@ def _trace(wrapper: torch.nn.Module, args: tuple, names: list[str], opset: int, 
                           dynamic_shapes={n: {0: batch} for n in names}, external_data=False, dynamo=True,
                           verbose=False)
         return onnx.load(str(path))
+
+
+class _Body(torch.nn.Module):
+    """UNet.body(x, block_bias) with the fixed signature of the engine's file."""
+
+    def __init__(self, model: UNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, block_bias: torch.Tensor) -> torch.Tensor:
+        return self.model.body(x, block_bias)
+
+
+@contextlib.contextmanager
+def _plain_group_norm(opset: int) -> Iterator[None]:
+    """GroupNorm written as ONNX Runtime runs it fastest: InstanceNormalization alone when every group is one channel,
+    else Reshape -> InstanceNormalization -> Reshape to the known static shape -> Mul -> Add, with no Shape arithmetic
+    (torch's own symbolic reshapes back through Shape(input): ~25 more nodes a digits net, each a dispatch at batch 1).
+    Registered for the duration of one export."""
+    from torch.onnx import symbolic_helper as sh
+
+    def group_norm(g, x, num_groups, weight, bias, eps, cudnn_enabled):
+        groups, eps = sh._maybe_get_const(num_groups, "i"), sh._maybe_get_const(eps, "f")
+        sizes = sh._get_tensor_sizes(x) or [None]
+        if sizes[1:2] == [groups]:
+            return g.op("InstanceNormalization", x, weight, bias, epsilon_f=eps)
+        ones, zeros = (g.op("Constant", value_t=torch.full((groups,), v)) for v in (1.0, 0.0))
+        h = g.op("Reshape", x, g.op("Constant", value_t=torch.tensor([0, groups, -1])))
+        h = g.op("InstanceNormalization", h, ones, zeros, epsilon_f=eps)
+        shape = (g.op("Constant", value_t=torch.tensor([-1, *sizes[1:]])) if None not in sizes[1:]
+                 else g.op("Shape", x))
+        axes = g.op("Constant", value_t=torch.tensor([1, 2]))
+        h = g.op("Mul", g.op("Reshape", h, shape), g.op("Unsqueeze", weight, axes))
+        return g.op("Add", h, g.op("Unsqueeze", bias, axes))
+
+    torch.onnx.register_custom_op_symbolic("aten::group_norm", group_norm, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::group_norm", opset)
+
+
+def export_engine_body(model: UNet, schedule: NoiseSchedule, out: Path | str) -> Path:
+    """The engine's ONNX file of an unconditional fastdiff UNet (fastdiff.runtimes): its body alone, inputs x
+    [B, C, H, W] and block_bias [1 or B, W] (UNet.block_biases of the step's timestep, computed once per timestep
+    by the runtime, so the time MLP and the blocks' projections leave the per-step graph), output out; GroupNorm
+    as _plain_group_norm writes it. Not a deployment file: `export_model` writes those."""
+    out = Path(out)
+    shape, _, _ = describe(model)
+    body = _Body(model.eval().cpu()).eval()
+    x = torch.zeros(2, *shape)
+    with torch.no_grad():
+        bias = model.block_biases(model.embedding(torch.tensor([1, schedule.num_train_timesteps - 1])))
+        buf = io.BytesIO()
+        with _plain_group_norm(MIN_OPSET), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(body, (x, bias), buf, input_names=["x", "block_bias"], output_names=["out"],
+                              opset_version=MIN_OPSET, do_constant_folding=True, dynamo=False,
+                              dynamic_axes={"x": {0: "batch"}, "block_bias": {0: "bias_batch"}, "out": {0: "batch"}})
+    proto = onnx.load_from_string(buf.getvalue())
+    for k, v in {**metadata(model, schedule, "fp32"), KEY_GRAPH: "engine-body"}.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto, full_check=True)
+    atomic_write(out, lambda tmp: onnx.save_model(proto, tmp, save_as_external_data=False))
+    return out
 
 
 def export_model(model: torch.nn.Module, schedule: NoiseSchedule, out: Path | str, *, opset: int = MIN_OPSET,

@@ -3,7 +3,9 @@
 * ``cuda-graph``: the whole loop captured as one CUDA graph (fastdiff.engine), on CUDA;
 * ``ort``: on the CPU, the network exported once to ONNX (fastdiff.onnx_export) and run by ONNX Runtime,
   whose convolutions are 2-4x faster than eager torch's for these U-Nets on a small CPU; the fused torch step
-  stays the step. The ONNX file is cached by content (sha256 of the state_dict bytes, the config, the schedule
+  stays the step. For an unconditional UNet the file is its body alone (engine.onnx: inputs x and the blocks'
+  time biases, which BlockBias looks up per timestep from a table computed once), else the deployment export
+  (model.onnx: x, t, y). Files are cached by content (sha256 of the state_dict bytes, the config, the schedule
   and the fastdiff/torch versions) under $FASTDIFF_CACHE (default ~/.cache/fastdiff), written atomically and
   reused across runs; int8=True adds the INT8 file (fastdiff.onnx_quant) beside it, calibrated on the fp32
   model's own DDIM trajectories (x_t at every noise level: timestep-aware, data-free);
@@ -106,43 +108,57 @@ def model_digest(model: UNet, schedule: NoiseSchedule) -> str:
 
 
 def onnx_file(model: UNet, schedule: NoiseSchedule, digest: str | None = None) -> Path:
-    """The cached fp32 ONNX export of model (exported on first use)."""
+    """The cached fp32 ONNX export of model, the deployment format (x, t[, y]; exported on first use)."""
     from .onnx_export import export_model
 
-    path = cache_dir() / "onnx" / (digest or model_digest(model, schedule)) / "model.onnx"
+    return _cached(cache_dir() / "onnx" / (digest or model_digest(model, schedule)) / "model.onnx",
+                   lambda path: export_model(model, schedule, path), model)
+
+
+def engine_file(model: UNet, schedule: NoiseSchedule) -> Path:
+    """The engine's file: the body of an unconditional UNet (onnx_export.export_engine_body; its block biases come
+    from BlockBias), else the deployment export."""
+    from .onnx_export import export_engine_body
+
+    if model.config.num_classes:
+        return onnx_file(model, schedule)
+    return _cached(cache_dir() / "onnx" / model_digest(model, schedule) / "engine.onnx",
+                   lambda path: export_engine_body(model, schedule, path), model)
+
+
+def _cached(path: Path, export, model: torch.nn.Module) -> Path:
     if not path.is_file():
         was = model.training
         try:
-            export_model(model, schedule, path)
+            export(path)
         finally:
             model.train(was)
     return path
 
 
 def int8_file(model: UNet, schedule: NoiseSchedule, fp32: Path, threads: int) -> Path:
-    """The cached INT8 file beside fp32 (quantized on first use; the recipe depends on the CPU's VNNI)."""
+    """The cached INT8 file beside the fp32 file fp32 (quantized on first use; the recipe depends on the CPU's VNNI)."""
     from .onnx_quant import quantize_int8, recipe_name
 
-    path = fp32.with_name(f"model.int8-{recipe_name()}.onnx")
+    path = fp32.with_name(f"{fp32.stem}.int8-{recipe_name()}.onnx")
     if not path.is_file():
-        feeds = calibration_feeds(OrtModel(fp32, threads), model.config, schedule)
+        bias = BlockBias(model, schedule) if fp32.name == "engine.onnx" else None
+        feeds = calibration_feeds(OrtModel(fp32, threads, bias), model.config, schedule)
         quantize_int8(fp32, path, feeds,
                       info={"calibration": f"fp32 DDIM-{CALIB_STEPS} trajectories of {CALIB_SEEDS} seeds"})
     return path
 
 
 def calibration_feeds(fp32: "OrtModel", config, schedule: NoiseSchedule) -> list[dict[str, np.ndarray]]:
-    """One batch per DDIM-32 step: the x_t the fp32 model sees along its own trajectories (eta = 1, so the
-    noise levels are those of sampling), with t and, for class-conditional models, class ids and the null class."""
+    """One batch per DDIM-32 step: the inputs of the file (x_t, and t or the block biases of t) along the fp32
+    model's own trajectories (eta = 1, so the noise levels are those of sampling), with class ids and the null
+    class for class-conditional models."""
     from .sampling import denoise, initial_noise, make_seeds
 
     feeds: list[dict[str, np.ndarray]] = []
 
     def record(x, t, y=None):
-        feed = {"x": x.numpy().copy(), "t": t.numpy().copy()}
-        if config.num_classes:
-            feed["y"] = y.numpy().copy()
-        feeds.append(feed)
+        feeds.append({k: v.numpy().copy() for k, v in fp32.feeds(x, t, y).items()})
         return fp32(x, t, y)
 
     seeds = make_seeds(12345, CALIB_SEEDS)
@@ -156,11 +172,34 @@ def calibration_feeds(fp32: "OrtModel", config, schedule: NoiseSchedule) -> list
 
 
 # --- the ORT model --------------------------------------------------------------------------------------
-class OrtModel:
-    """`model(x, t, y=None)` over an ONNX Runtime CPU session of a fastdiff denoiser file: torch CPU tensors
-    in and out, bound by pointer (IOBinding), so nothing is copied when x is float32 and contiguous."""
+class BlockBias:
+    """UNet.block_biases(UNet.embedding(t)) of every timestep of an unconditional UNet, computed once from its
+    weights when the engine loads it (a snapshot, as the exported body is one): a step's biases are a row lookup."""
 
-    def __init__(self, path: Path | str, threads: int):
+    def __init__(self, model: UNet, schedule: NoiseSchedule):
+        if model.config.num_classes:
+            raise ValueError("BlockBias serves unconditional UNets (a conditional one runs the deployment file)")
+        with torch.no_grad():
+            t = torch.arange(schedule.num_train_timesteps)
+            self.table = model.block_biases(model.embedding(t)).float().contiguous()
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """[1, W] when the batch shares one timestep (the samplers' case: ORT broadcasts it), else [B, W]."""
+        steps = t.numpy()
+        if len(steps) and (steps == steps[0]).all():
+            return self.table[int(steps[0])][None]
+        return self.table.index_select(0, t)
+
+
+_NUMPY = {torch.float32: np.float32, torch.int64: np.int64}
+
+
+class OrtModel:
+    """`model(x, t, y=None)` over an ONNX Runtime CPU session of a fastdiff denoiser file - the deployment format
+    (inputs x, t[, y]) or the engine's body (x, block_bias: then `bias` gives the rows) - torch CPU tensors in and
+    out, bound by pointer (IOBinding), so nothing is copied when x is float32 and contiguous."""
+
+    def __init__(self, path: Path | str, threads: int, bias: BlockBias | None = None):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -175,32 +214,48 @@ class OrtModel:
         so.add_session_config_entry("session.force_spinning_stop", "1")
         self.path, self.threads = Path(path), threads
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.conditional = "y" in [i.name for i in self.session.get_inputs()]
+        inputs = [i.name for i in self.session.get_inputs()]
+        self.conditional = "y" in inputs
+        if "block_bias" in inputs and bias is None:
+            raise ValueError(f"{path} is an engine body file: it needs the model's BlockBias")
+        self.bias = bias if "block_bias" in inputs else None
         self.output = self.session.get_outputs()[0].name
         self._local = threading.local()
         meta = self.session.get_modelmeta().custom_metadata_map
         self.precision = meta.get("fastdiff.precision", "fp32")
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def sibling(self, threads: int) -> "OrtModel":
+        """The same file in a session with another thread count (the engine's split loops)."""
+        return OrtModel(self.path, threads, self.bias)
+
+    def feeds(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The session's inputs for a model call, as contiguous torch tensors."""
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
         if t.dtype != torch.int64 or t.shape != x.shape[:1]:
             t = t.to(torch.int64).expand(x.shape[0]).contiguous()
+        if self.bias is not None:
+            return {"x": x, "block_bias": self.bias(t)}
+        feeds = {"x": x, "t": t}
+        if self.conditional:
+            feeds["y"] = torch.full_like(t, -1) if y is None else y.to(torch.int64).contiguous()
+        return feeds
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        feeds = self.feeds(x, t, y)
         out = torch.empty(x.shape, dtype=torch.float32)
         io = getattr(self._local, "io", None)
         if io is None:  # one binding per thread, re-pointed every call (a fresh one costs ~50 µs per run)
             io = self._local.io = self.session.io_binding()
-        io.bind_input("x", "cpu", 0, np.float32, tuple(x.shape), x.data_ptr())
-        io.bind_input("t", "cpu", 0, np.int64, tuple(t.shape), t.data_ptr())
-        if self.conditional:
-            y = torch.full_like(t, -1) if y is None else y.to(torch.int64).contiguous()
-            io.bind_input("y", "cpu", 0, np.int64, tuple(y.shape), y.data_ptr())
+        for name, v in feeds.items():
+            io.bind_input(name, "cpu", 0, _NUMPY[v.dtype], tuple(v.shape), v.data_ptr())
         io.bind_output(self.output, "cpu", 0, np.float32, tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(io)
         return out
 
 
 def ort_model(model: UNet, schedule: NoiseSchedule, threads: int, int8: bool = False) -> OrtModel:
-    """The OrtModel of model's current weights (export / quantize on first use, cached)."""
-    fp32 = onnx_file(model, schedule)
-    return OrtModel(int8_file(model, schedule, fp32, threads) if int8 else fp32, threads)
+    """The engine's OrtModel of model's current weights (engine_file; export / quantize on first use, cached)."""
+    fp32 = engine_file(model, schedule)
+    bias = None if model.config.num_classes else BlockBias(model, schedule)
+    return OrtModel(int8_file(model, schedule, fp32, threads) if int8 else fp32, threads, bias)

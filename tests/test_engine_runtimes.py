@@ -66,7 +66,7 @@ def test_auto_is_ort_on_cpu(tiny_model) -> None:
     assert engine.runtime == "ort" and not engine.channels_last
     engine.sample(sampling.make_seeds(0, 1), SHAPE, "ddim", 2)
     info = engine.runtime_info
-    assert info["runtime"] == "ort" and info["precision"] == "fp32" and info["onnx"].endswith("model.onnx")
+    assert info["runtime"] == "ort" and info["precision"] == "fp32" and info["onnx"].endswith("engine.onnx")
 
 
 @needs_ort
@@ -99,20 +99,42 @@ def test_ort_model_is_a_model_callable(tiny_model) -> None:
 
 
 @needs_ort
+def test_engine_body_file(tiny_model) -> None:
+    """The engine's file of an unconditional UNet is its body: BlockBias supplies the blocks' time biases per timestep
+    (a [1, W] row when the batch shares t, else one row per sample); the result is the model's, within float32
+    rounding of the two runtimes."""
+    schedule = NoiseSchedule()
+    ort_model = runtimes.ort_model(tiny_model, schedule, threads=1)
+    assert ort_model.path.name == "engine.onnx" and ort_model.bias is not None
+    x = torch.randn(3, *SHAPE)
+    with torch.inference_mode():
+        for t in (torch.tensor([1, 500, 999]), torch.full((3,), 250)):
+            assert ort_model.feeds(x, t)["block_bias"].shape[0] == (1 if t.unique().numel() == 1 else 3)
+            torch.testing.assert_close(ort_model(x, t), tiny_model(x, t), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ort_model.sibling(2)(x, t), tiny_model(x, t), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="BlockBias"):
+        runtimes.OrtModel(ort_model.path, 1)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="unconditional"):
+        runtimes.BlockBias(UNet(dataclasses.replace(TINY, num_classes=2)), schedule)
+
+
+@needs_ort
 def test_export_cached_by_content(tiny_model, cache, monkeypatch) -> None:
     schedule = NoiseSchedule()
     calls = []
-    real = onnx_export.export_model
-    monkeypatch.setattr(onnx_export, "export_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = onnx_export.export_engine_body
+    monkeypatch.setattr(onnx_export, "export_engine_body", lambda *a, **k: calls.append(1) or real(*a, **k))
     seeds = sampling.make_seeds(0, 1)
     Engine(tiny_model, schedule).sample(seeds, SHAPE, "ddim", 1)
     Engine(tiny_model, schedule).sample(seeds, SHAPE, "ddim", 1)  # same weights: the cached file
-    assert len(calls) == 1 and len(list(cache.glob("onnx/*/model.onnx"))) == 1
+    assert len(calls) == 1 and len(list(cache.glob("onnx/*/engine.onnx"))) == 1
     assert not list(cache.rglob("*.tmp"))  # written atomically
     with torch.no_grad():
         next(tiny_model.parameters()).add_(0.01)
     Engine(tiny_model, schedule).sample(seeds, SHAPE, "ddim", 1)  # new weights: a new export
-    assert len(calls) == 2 and len(list(cache.glob("onnx/*/model.onnx"))) == 2
+    assert len(calls) == 2 and len(list(cache.glob("onnx/*/engine.onnx"))) == 2
     assert runtimes.model_digest(tiny_model, schedule) != runtimes.model_digest(
         tiny_model, NoiseSchedule(num_train_timesteps=100))
 
@@ -153,7 +175,7 @@ def test_failed_export_falls_back(tiny_model, cache, monkeypatch) -> None:
     def broken(*a, **k):
         raise RuntimeError("no exporter today")
 
-    monkeypatch.setattr(onnx_export, "export_model", broken)
+    monkeypatch.setattr(onnx_export, "export_engine_body", broken)
     engine = Engine(tiny_model, NoiseSchedule())
     seeds = sampling.make_seeds(0, 2)
     with pytest.warns(RuntimeWarning, match="no exporter today"):
@@ -226,7 +248,7 @@ def test_int8_runtime(digits, cache) -> None:
     engine = Engine(model, schedule, int8=True)
     got = engine.sample(seeds, (1, 16, 16), "ddim", 10)
     assert engine.runtime_info["precision"] == "int8" and "int8" in engine.runtime_info["onnx"]
-    assert len(list(cache.glob("onnx/*/model.int8-*.onnx"))) == 1  # beside the fp32 file
+    assert len(list(cache.glob("onnx/*/engine.int8-*.onnx"))) == 1  # beside the fp32 file
     fp32 = Engine(model, schedule).sample(seeds, (1, 16, 16), "ddim", 10)
     assert (got - fp32).abs().mean() < 0.05  # quality: the paired PSNR in fastdiff.export.quantize
 

@@ -43,7 +43,8 @@ def get_engine(net: str, device: str, dtype_name: str = "fp32", runtime: str = "
 
 @functools.lru_cache(maxsize=None)
 def onnx_path(net: str, int8: bool = False) -> Any:
-    """The ONNX file of get_model's weights (the engine's cached export; int8: its INT8 file)."""
+    """The deployment ONNX file of get_model's weights (cached by content; int8: its INT8 file), as the torch-free
+    sampler runs it."""
     model = get_model(net, "cpu")
     fp32 = runtimes.onnx_file(model, NoiseSchedule())
     return runtimes.int8_file(model, NoiseSchedule(), fp32, torch.get_num_threads()) if int8 else fp32
@@ -60,8 +61,8 @@ def get_onnx_sampler(net: str, int8: bool = False) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def get_ort_model(net: str, int8: bool = False, threads: int = 0) -> runtimes.OrtModel:
-    """The engine's ORT model callable over onnx_path's file (threads 0: torch's thread count)."""
-    return runtimes.OrtModel(onnx_path(net, int8), threads or torch.get_num_threads())
+    """The engine's ORT model callable of get_model's weights (its engine file; threads 0: torch's thread count)."""
+    return runtimes.ort_model(get_model(net, "cpu"), NoiseSchedule(), threads or torch.get_num_threads(), int8)
 
 
 @functools.lru_cache(maxsize=None)

@@ -77,9 +77,9 @@ class ResBlock(nn.Module):
         self.norm2, self.dropout, self.conv2 = norm(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """bias: this block's time (and class) bias, temb_proj(silu(emb)), as [B or 1, cout, 1, 1]."""
+        h = self.conv1(F.silu(self.norm1(x))) + bias
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -104,8 +104,8 @@ class Block(nn.Module):
         self.res = ResBlock(cin, cout, temb, dropout)
         self.attn = Attention(cout) if attn else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        return self.attn(self.res(x, temb))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.res(x, bias))
 
 
 class UNet(nn.Module):
@@ -145,20 +145,40 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        emb = self.temb(timestep_embedding(t, self.config.ch).to(x.dtype))
+        return self.body(x, self.block_biases(self.embedding(t, y, x.dtype)))
+
+    def embedding(self, t: torch.Tensor, y: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The time (+ class) embedding [B, 4 ch] of timesteps t [B] and class ids y (None or < 0: the null class)."""
+        emb = self.temb(timestep_embedding(t, self.config.ch).to(dtype))
         if self.class_emb is not None:
             null = self.config.num_classes
             y = torch.full_like(t, null, dtype=torch.long) if y is None else torch.where(y < 0, null, y.long())
             emb = emb + self.class_emb(y)
+        return emb
+
+    def block_biases(self, emb: torch.Tensor) -> torch.Tensor:
+        """Every residual block's bias temb_proj(silu(emb)), concatenated along dim 1: [B, sum of their widths].
+        A function of (t, y) alone, so a sampler can compute it once per timestep (fastdiff.runtimes)."""
+        act = F.silu(emb)
+        return torch.cat([block.res.temb_proj(act) for block in self.blocks()], dim=1)
+
+    def blocks(self) -> list[Block]:
+        """The blocks in the order body() consumes their biases."""
+        return [m for m in (*self.down, *self.mid, *self.up) if isinstance(m, Block)]
+
+    def body(self, x: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+        """The network without its time path: x and block_biases(...) ([B or 1, sum of widths]) -> the prediction."""
+        widths = [block.res.temb_proj.out_features for block in self.blocks()]
+        bias = iter(biases[:, :, None, None].split(widths, dim=1))
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, Block) else layer(h)
+            h = layer(h, next(bias)) if isinstance(layer, Block) else layer(h)
             skips.append(h)
         for layer in self.mid:
-            h = layer(h, emb)
+            h = layer(h, next(bias))
         for layer in self.up:
-            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, Block) else layer(h)
+            h = layer(torch.cat([h, skips.pop()], dim=1), next(bias)) if isinstance(layer, Block) else layer(h)
         return self.out(h)
 
 
