@@ -26,8 +26,8 @@ runs, torch's own pool is set to one thread - the step is tiny beside the model,
 spinning on the same cores slow each other down. A batch of n >= 2 runs as min(n, threads, `workers`) independent
 loops over slices of the batch, each on its own thread with a one-thread ORT session (data parallelism: a small
 net's convolutions split across threads inside one call much less well; 1.2-1.4x on 2 cores from batch 2 to 64,
-docs/performance.md). Per-sample seeds make the images the same as one loop's. The torch runtime leaves torch's thread count alone
-unless `num_threads` is given (then it is set for the duration of each `sample` call).
+docs/performance.md). Per-sample seeds make the images the same as one loop's. The torch runtime leaves torch's
+thread count alone unless `num_threads` is given (then it is set for the duration of each `sample` call).
 
 Every path runs the one loop `fastdiff.sampling.denoise` (ORT as a `model(x, t, y)` callable). Results equal
 the plain samplers with the same seeds (fp32: to float32 rounding of the two runtimes' convolutions, bounded
