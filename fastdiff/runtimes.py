@@ -136,13 +136,13 @@ def _cached(path: Path, export, model: torch.nn.Module) -> Path:
     return path
 
 
-def int8_file(model: UNet, schedule: NoiseSchedule, fp32: Path, threads: int) -> Path:
-    """The cached INT8 file beside the fp32 file fp32 (quantized on first use; the recipe depends on the CPU's VNNI)."""
+def int8_file(model: UNet, schedule: NoiseSchedule, fp32: Path, threads: int, bias: "BlockBias | None" = None) -> Path:
+    """The cached INT8 file beside the fp32 file fp32 (quantized on first use; the recipe depends on the CPU's VNNI);
+    bias: the model's BlockBias when fp32 is an engine body file."""
     from .onnx_quant import quantize_int8, recipe_name
 
     path = fp32.with_name(f"{fp32.stem}.int8-{recipe_name()}.onnx")
     if not path.is_file():
-        bias = BlockBias(model, schedule) if fp32.name == "engine.onnx" else None
         feeds = calibration_feeds(OrtModel(fp32, threads, bias), model.config, schedule)
         quantize_int8(fp32, path, feeds,
                       info={"calibration": f"fp32 DDIM-{CALIB_STEPS} trajectories of {CALIB_SEEDS} seeds"})
@@ -258,4 +258,4 @@ def ort_model(model: UNet, schedule: NoiseSchedule, threads: int, int8: bool = F
     """The engine's OrtModel of model's current weights (engine_file; export / quantize on first use, cached)."""
     fp32 = engine_file(model, schedule)
     bias = None if model.config.num_classes else BlockBias(model, schedule)
-    return OrtModel(int8_file(model, schedule, fp32, threads) if int8 else fp32, threads, bias)
+    return OrtModel(int8_file(model, schedule, fp32, threads, bias) if int8 else fp32, threads, bias)
