@@ -7,10 +7,12 @@
 # Everything lands in ${OUT:-benchmarks/results}/<device>-<date>/:
 #   build.log  tests.log  nvidia-smi.txt  bench.log  results.json  results.md  *.png  [ncu.txt ncu.log]
 # Knobs (environment): OUT, BENCH_BUDGET_S (seconds for `bench --full`, default 360; 0 = no limit),
-# BENCH_MODE (full | quick, default full), SKIP_TESTS=1, SKIP_NCU=1, PYTHON (default: python).
+# BENCH_MODE (full | quick, default full), BENCH_ONLY (a `bench --only` regex, e.g. '^(?!(peers|e2e):compile)'
+# to leave out the max-autotune compiles), TESTS (pytest paths, default tests), TESTS_TIMEOUT_S (default 600),
+# SKIP_TESTS=1, SKIP_NCU=1, PYTHON (default: python3), FASTDIFF_CUDA_ARCH_LIST (default: this GPU's).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: torch sees no CUDA device; this script is for a GPU machine" >&2
@@ -18,6 +20,7 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 DEVICE=$("$PY" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')
 DIR="${OUT:-benchmarks/results}/${DEVICE}-$(date +%F)"
+export FASTDIFF_CUDA_ARCH_LIST=${FASTDIFF_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 mkdir -p "$DIR"
 echo "gpu_check: results in $DIR"
 status=0
@@ -46,15 +49,17 @@ grep -q "extension" "$DIR/backend.txt" || { echo "gpu_check: the CUDA kernel is 
 
 # 3. Tests (CUDA-only tests run here: graph capture/replay, CPU == GPU noise and steps, ...).
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  "$PY" -m pytest -q tests -p no:cacheprovider -rs > "$DIR/tests.log" 2>&1
+  # shellcheck disable=SC2086
+  timeout "${TESTS_TIMEOUT_S:-600}" "$PY" -m pytest -q ${TESTS:-tests} -p no:cacheprovider -rs > "$DIR/tests.log" 2>&1
   rc=$?
   tail -n 5 "$DIR/tests.log"
   [ $rc -eq 0 ] || { echo "gpu_check: tests failed (rc $rc), see $DIR/tests.log" >&2; status=1; }
 fi
 
 # 4. Benchmarks (results.json is rewritten after each section, so a time-out keeps what was measured).
-"$PY" -m fastdiff.cli bench --"${BENCH_MODE:-full}" --device cuda --out "$DIR" \
-  --time-budget "${BENCH_BUDGET_S:-360}" > "$DIR/bench.log" 2>&1
+only=(); [ -n "${BENCH_ONLY:-}" ] && only=(--only "$BENCH_ONLY")
+"$PY" -m fastdiff bench --"${BENCH_MODE:-full}" --device cuda --out "$DIR" \
+  --time-budget "${BENCH_BUDGET_S:-360}" "${only[@]}" > "$DIR/bench.log" 2>&1
 rc=$?
 tail -n 8 "$DIR/bench.log"
 [ $rc -eq 0 ] || { echo "gpu_check: bench failed (rc $rc), see $DIR/bench.log" >&2; status=1; }
@@ -69,7 +74,7 @@ for _ in range(3):
     case.fn()
 torch.cuda.synchronize()
 PYEOF
-  timeout 300 ncu --target-processes all -k regex:step_ --launch-skip 2 --launch-count 1 \
+  timeout "${NCU_TIMEOUT_S:-300}" ncu --target-processes all -k regex:step_ --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     "$PY" "$DIR/ncu_step.py" > "$DIR/ncu.txt" 2> "$DIR/ncu.log" || echo "gpu_check: ncu failed (see $DIR/ncu.log)"
 else
