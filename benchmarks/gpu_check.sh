@@ -25,12 +25,34 @@ mkdir -p "$DIR"
 echo "gpu_check: results in $DIR"
 status=0
 
-# 1. Build (CPU + CUDA kernels) in place; no build isolation and no deps: use the installed torch.
-{
+# 1. Build (CPU + CUDA kernels) in place with the installed torch; no pip (an old pip's editable install falls back
+#    to an isolated build that needs the network), so the repository root goes on PYTHONPATH.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+build() {
   nvcc --version 2>&1 || echo "nvcc not on PATH (setup.py also looks in CUDA_HOME and /usr/local/cuda)"
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-  MAX_JOBS=${MAX_JOBS:-8} "$PY" -m pip install --no-build-isolation --no-deps -v -e .
-} > "$DIR/build.log" 2>&1 || { echo "gpu_check: build failed, see $DIR/build.log" >&2; exit 1; }
+  echo "C++ compiler: ${CXX:-c++} ($(command -v "${CXX:-c++}"))"
+  rm -rf build
+  MAX_JOBS=${MAX_JOBS:-8} "$PY" setup.py build_ext --inplace
+}
+# An error raised inside the extension must come back as a RuntimeError. On the H200 image of 2026-12-04 the default
+# c++ (/opt/gcc/bin/g++) built an extension that crashed (SIGSEGV) formatting any such message, in libstdc++ code
+# linked into _C.so; the distribution's g++ is the fallback.
+raises_cleanly() {
+  "$PY" -c 'import torch, fastdiff.ops, sys
+x = torch.zeros(2, 3)
+try:
+    torch.ops.fastdiff.reverse_step(x, x, torch.zeros(1, dtype=torch.long), 0, 1., 0., 1., 1., 0., 0., 1.)
+except RuntimeError as e:
+    sys.exit(0 if "seeds" in str(e) else 1)
+sys.exit(1)' > /dev/null 2>&1
+}
+build > "$DIR/build.log" 2>&1 || { echo "gpu_check: build failed, see $DIR/build.log" >&2; exit 1; }
+if ! raises_cleanly && [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then
+  echo "gpu_check: the extension built with $(command -v c++) crashes on its own error messages; rebuilding with /usr/bin/g++" | tee -a "$DIR/build.log"
+  CXX=/usr/bin/g++ build >> "$DIR/build.log" 2>&1 || { echo "gpu_check: build failed, see $DIR/build.log" >&2; exit 1; }
+fi
+raises_cleanly || { echo "gpu_check: the extension crashes when it raises an error (see build.log); set CXX to another compiler" >&2; status=1; }
 "$PY" - > "$DIR/backend.txt" 2>&1 <<'PYEOF'
 import torch
 from fastdiff import ops

@@ -164,3 +164,19 @@ def test_fp32_bound_and_of_peak() -> None:
     rows.append({"section": "model", "impl": "ort-fp32", "net": "digits", "batch": 1, "median_s": 0.001, "gflop": 0.5})
     bench.add_derived(rows)  # a forward faster than the probe: the bound takes the best throughput seen
     assert fp32_bound(rows, "digits", 64, per_step_s=0.08) == "(fp32 bound 5.0x: 8.00 GFLOP a forward at 500 GFLOP/s)"
+
+
+def test_targets_follow_the_device_of_the_run() -> None:
+    """A GPU run is held to the GPU targets only, a CPU run to the CPU ones (the H200 run of 2026-12-04 listed the
+    CPU targets, with a CPU 'fp32 bound' computed from GPU throughput)."""
+    from fastdiff.bench.report import targets
+
+    def peer(impl: str, net: str, batch: int, speedup: float) -> dict:
+        return {"section": "peers", "impl": impl, "net": net, "batch": batch, "sampler": "ddim", "steps": 50,
+                "median_s": 1.0, "engine_speedup": speedup}
+
+    rows = [peer("diffusers", "cifar-ddpm", 1, 4.0), peer("diffusers", "digits", 1, 6.0)]
+    on_gpu = [t["target"] for t in targets(rows, gpu=True)]
+    on_cpu = [t["target"] for t in targets(rows, gpu=False)]
+    assert on_gpu == ["(H100) engine >= 3x diffusers DDIMPipeline (cifar-ddpm, batch 1, DDIM-50)"]
+    assert on_cpu == ["(CPU) engine >= 5x diffusers DDIMPipeline (digits, batch 1, DDIM-50)"]

@@ -167,7 +167,10 @@ def test_graph_equals_eager_and_replays_new_seeds(cuda_model, schedule, dtype) -
 
 
 @cuda
-def test_graph_equals_cpu_plain_sampler(schedule) -> None:
+def test_graph_equals_cpu_plain_sampler(schedule, monkeypatch) -> None:
+    # float32 convolutions on both sides: torch lets cuDNN use TF32 by default, which differed from the CPU by
+    # 2.5e-3 here on an H200 (README: bit-identity)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     cpu_model = UNet(TINY).eval()
     gpu_model = UNet(TINY).eval().cuda()

@@ -3,6 +3,7 @@ fallbacks to eager torch, INT8, the CLI's --runtime / --int8 and their sidecar, 
 ORT runtime with the plain torch loop."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import warnings
@@ -264,12 +265,25 @@ def test_generate_takes_an_engine(tiny_model) -> None:
 
 
 @needs_ort
-@pytest.mark.parametrize("flags,want", [([], ("ort", "fp32")), (["--runtime", "torch"], ("torch", "fp32")),
-                                        (["--int8"], ("ort", "int8"))])
+@pytest.mark.parametrize("flags,want", [([], ("cuda-graph" if torch.cuda.is_available() else "ort", "fp32")),
+                                        (["--runtime", "torch"], ("torch", "fp32")), (["--int8"], ("ort", "int8"))])
 def test_cli_runtime_in_sidecar(tmp_path, flags, want) -> None:
     assert main(["sample", "--n", "2", "--steps", "2", "--out", str(tmp_path), "--name", "s", "--quiet", *flags]) == 0
     info = json.loads((tmp_path / "s.json").read_text())
     assert (info["runtime"], info["precision"]) == want
+
+
+def test_cli_cpu_runtimes_take_the_cpu_under_device_auto(monkeypatch) -> None:
+    """--int8 and --runtime ort run on the CPU: where a GPU is there, --device auto must not pick it (it did on the
+    H200, and `fastdiff sample --int8` failed)."""
+    from fastdiff.cli.sample import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = dict(device="auto", runtime="auto", int8=False)
+    assert _device(argparse.Namespace(**args)).type == "cuda"
+    assert _device(argparse.Namespace(**{**args, "int8": True})).type == "cpu"
+    assert _device(argparse.Namespace(**{**args, "runtime": "ort"})).type == "cpu"
+    assert _device(argparse.Namespace(**{**args, "runtime": "ort", "device": "cpu"})).type == "cpu"
 
 
 def test_cli_runtime_errors(tmp_path, capsys) -> None:

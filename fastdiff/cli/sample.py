@@ -43,9 +43,15 @@ def add(sub) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="how the engine runs the model: auto (cuda-graph on CUDA, ort on the CPU), ort (ONNX Runtime, "
                         "the model exported once and cached), torch (eager) or cuda-graph (default: auto)")
-    p.add_argument("--int8", action="store_true", help="run the INT8 ONNX model (quantized once, cached; CPU, ort)")
+    p.add_argument("--int8", action="store_true", help="run the INT8 ONNX model (quantized once, cached; CPU, ort: --device auto means the CPU)")
     add_quiet(p)
     p.set_defaults(run=run)
+
+
+def _device(a: argparse.Namespace) -> torch.device:
+    """--device; auto means the CPU for the CPU runtimes (ort, INT8) even where a GPU is there."""
+    cpu_runtime = a.int8 or a.runtime == "ort"
+    return pick_device("cpu" if a.device == "auto" and cpu_runtime else a.device)
 
 
 def run(a: argparse.Namespace) -> None:
@@ -67,13 +73,13 @@ def run(a: argparse.Namespace) -> None:
 
         model, schedule, folder = load_diffusers(a.diffusers)
         options = folder_options(folder, a.sampler, options)
-        device = pick_device(a.device)
+        device = _device(a)
         steps = a.steps if a.steps is not None else default_steps(a.sampler, schedule.num_train_timesteps)
         source, backend, shape, num_classes = str(a.diffusers), ops.backend(), folder["image_shape"], 0
     else:
         ckpt = a.ckpt or BUNDLED_MODEL
         model, schedule, _ = load_model(ckpt)
-        device = pick_device(a.device)
+        device = _device(a)
         steps = a.steps if a.steps is not None else default_steps(a.sampler, schedule.num_train_timesteps)
         source, backend = str(ckpt), ops.backend()
         shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
