@@ -26,7 +26,9 @@ runs, torch's own pool is set to one thread - the step is tiny beside the model,
 spinning on the same cores slow each other down. A batch of n >= 2 runs as min(n, threads, `workers`) independent
 loops over slices of the batch, each on its own thread with a one-thread ORT session (data parallelism: a small
 net's convolutions split across threads inside one call much less well; 1.2-1.4x on 2 cores from batch 2 to 64,
-docs/performance.md). Per-sample seeds make the images the same as one loop's. The torch runtime leaves torch's
+docs/performance.md). Per-sample seeds make the images the same as one loop's. A batch that runs as one loop
+(batch 1) takes the session or a one-thread one, whichever ran its call faster when first seen (a small net's
+batch-1 call is faster on one thread; runtimes.one_loop_model). The torch runtime leaves torch's
 thread count alone unless `num_threads` is given (then it is set for the duration of each `sample` call).
 
 Every path runs the one loop `fastdiff.sampling.denoise` (ORT as a `model(x, t, y)` callable). Results equal
@@ -129,6 +131,7 @@ class Engine:
         self.model = model
         self._ort: runtimes.OrtModel | None = None
         self._ort_workers: list[runtimes.OrtModel] = []  # one-thread sessions of the split loops
+        self._one_loop: dict[tuple, runtimes.OrtModel] = {}  # (n, shape, conditional) -> session of an unsplit loop
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warned = False
         self.stats = {"captures": 0, "replays": 0, "eager_runs": 0, "evictions": 0, "capture_failures": 0}
@@ -171,7 +174,7 @@ class Engine:
         """Drop every captured graph (and its memory pool) and the ORT session; the next `sample` captures or
         loads again (re-exporting if the model's weights changed: the ORT runtime snapshots them on first use)."""
         self._graphs.clear()
-        self._ort, self._ort_workers = None, []
+        self._ort, self._ort_workers, self._one_loop = None, [], {}
 
     @property
     def runtime_info(self) -> dict:
@@ -236,7 +239,27 @@ class Engine:
         parts = min(len(seeds), self._max_parts())
         if parts > 1:
             return self._split_loop(parts, seeds, image_shape, plan, y, guidance, progress, on_step)
-        return self._denoise(self._model_fn(), seeds, image_shape, plan, y, guidance, progress, on_step)
+        return self._denoise(self._one_loop_model(len(seeds), image_shape, y), seeds, image_shape, plan, y, guidance,
+                             progress, on_step)
+
+    def _one_loop_model(self, n: int, image_shape: tuple[int, ...], y: torch.Tensor | None) -> Model:
+        """The model of an unsplit loop: on the ort runtime, the session or its one-thread sibling, whichever ran
+        this batch's call faster when first seen (runtimes.one_loop_model)."""
+        model = self._model_fn()
+        if self.runtime != "ort" or self._ort.threads == 1:
+            return model
+        key = (n, image_shape, y is not None)
+        if key not in self._one_loop:
+            x = torch.randn((n, *image_shape), generator=torch.Generator().manual_seed(0))
+            t = torch.full((n,), self.schedule.num_train_timesteps // 2)
+            self._one_loop[key] = runtimes.one_loop_model(self._ort, self._workers(1)[0], x, t, y)
+        return self._one_loop[key]
+
+    def _workers(self, parts: int) -> list[runtimes.OrtModel]:
+        """One-thread siblings of the session, one per loop of a split batch."""
+        while len(self._ort_workers) < parts:
+            self._ort_workers.append(self._ort.sibling(1))
+        return self._ort_workers[:parts]
 
     def _denoise(self, model: Model, seeds, image_shape, plan, y, guidance, progress=False, on_step=None):
         x = initial_noise(seeds, image_shape, memory_format=self._layout(image_shape))
@@ -253,14 +276,13 @@ class Engine:
     def _split_loop(self, parts, seeds, image_shape, plan, y, guidance, progress, on_step) -> torch.Tensor:
         """The batch as `parts` slices, each denoised on its own thread by its own one-thread ORT session; the first
         slice's loop reports progress (every slice runs the same steps)."""
-        while len(self._ort_workers) < parts:
-            self._ort_workers.append(self._ort.sibling(1))
+        workers = self._workers(parts)
         slices = [(int(s[0]), int(s[-1]) + 1) for s in torch.arange(len(seeds)).tensor_split(parts)]
 
         def run(i: int) -> torch.Tensor:
             a, b = slices[i]
             with torch.inference_mode():  # thread-local: each worker thread enters it
-                return self._denoise(self._ort_workers[i], seeds[a:b], image_shape, plan,
+                return self._denoise(workers[i], seeds[a:b], image_shape, plan,
                                      None if y is None else y[a:b], guidance, *((progress, on_step) if i == 0 else ()))
 
         with ThreadPoolExecutor(parts - 1) as pool:

@@ -21,7 +21,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import statistics
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -259,3 +261,28 @@ def ort_model(model: UNet, schedule: NoiseSchedule, threads: int, int8: bool = F
     fp32 = engine_file(model, schedule)
     bias = None if model.config.num_classes else BlockBias(model, schedule)
     return OrtModel(int8_file(model, schedule, fp32, threads, bias) if int8 else fp32, threads, bias)
+
+
+SHORT_CALL_S = 0.02  # one_loop_model measures only calls shorter than this (longer ones keep every thread)
+
+
+def one_loop_model(full: OrtModel, single: OrtModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                   rounds: int = 5) -> OrtModel:
+    """The faster of `full` (every thread) and `single` (its one-thread sibling) for a loop of calls like (x, t, y).
+    A short call is measured: the median of `rounds` interleaved calls of each, after a warm-up call. ORT splits each
+    op across threads, and for a small net's batch-1 call the split costs more than it saves (digits: 1.46 ms on one
+    thread, 1.70 ms on two, on the 2-core EPYC). A call of full longer than SHORT_CALL_S keeps every thread unmeasured
+    (cifar-ddpm batch 1: 75 ms on two threads, 118 ms on one). The outputs are the same bits either way: ORT
+    partitions a conv's outputs across threads, not its sums (tests/test_engine_runtimes.py)."""
+    start = time.perf_counter()
+    full(x, t, y)
+    if time.perf_counter() - start > SHORT_CALL_S:
+        return full
+    single(x, t, y)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for r in range(rounds):
+        for i, model in ((0, full), (1, single)) if r % 2 == 0 else ((1, single), (0, full)):
+            start = time.perf_counter()
+            model(x, t, y)
+            times[i].append(time.perf_counter() - start)
+    return single if statistics.median(times[1]) < statistics.median(times[0]) else full

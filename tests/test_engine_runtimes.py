@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 import warnings
 
 import pytest
@@ -221,7 +222,7 @@ def test_batch_split_across_threads(digits, int8) -> None:
     assert split.runtime_info["workers"] == 2 and len(split._ort_workers) == 2 and steps == list(range(1, 7))
     whole = Engine(model, schedule, num_threads=2, int8=int8, workers=1)
     want = whole.sample(seeds, (1, 16, 16), "ddim", 6, eta=1.0)
-    assert whole.runtime_info["workers"] == 1 and not whole._ort_workers
+    assert whole.runtime_info["workers"] == 1
     assert (got - want).abs().max().item() <= ORT_VS_TORCH_MAX_ABS  # measured: 0 (AVX-512 EPYC, fp32 and int8)
     alone = torch.cat([Engine(model, schedule, num_threads=1, int8=int8).sample(seeds[i:i + 1], (1, 16, 16), "ddim", 6,
                                                                                   eta=1.0) for i in (0, 4)])
@@ -234,6 +235,44 @@ def test_batch_split_across_threads(digits, int8) -> None:
         a = Engine(cond, schedule, num_threads=2).sample(seeds, (1, 16, 16), "ddim", 3, classes=classes, guidance=2.0)
         b = Engine(cond, schedule, runtime="torch").sample(seeds, (1, 16, 16), "ddim", 3, classes=classes, guidance=2.0)
         assert (a - b).abs().max().item() <= ORT_VS_TORCH_MAX_ABS
+
+
+@needs_ort
+def test_one_loop_takes_the_faster_session(digits) -> None:
+    """A batch run as one loop takes the session or its one-thread sibling (runtimes.one_loop_model): the same bits
+    either way, so the images equal a one-thread engine's exactly; the choice is made once per batch shape."""
+    model, schedule = digits
+    seeds = sampling.make_seeds(3, 1)
+    engine = Engine(model, schedule, num_threads=2)
+    got = engine.sample(seeds, (1, 16, 16), "ddim", 5, eta=1.0)
+    chosen = engine._one_loop[(1, (1, 16, 16), False)]
+    assert chosen is engine._ort or chosen is engine._ort_workers[0]
+    assert torch.equal(got, Engine(model, schedule, num_threads=1).sample(seeds, (1, 16, 16), "ddim", 5, eta=1.0))
+    full, single = engine._ort, engine._ort.sibling(1)
+    for n in (1, 3):  # what the choice relies on: ORT's thread count does not change a call's output
+        x, t = torch.randn(n, 1, 16, 16), torch.full((n,), 321)
+        assert torch.equal(full(x, t), single(x, t))
+
+
+class _Timed:
+    """A model call that takes `seconds` (the selection logic of one_loop_model, without a real session)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls = seconds, 0
+
+    def __call__(self, x, t, y=None):
+        self.calls += 1
+        time.sleep(self.seconds)
+        return x
+
+
+def test_one_loop_model_measures_short_calls_only() -> None:
+    x, t = torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.long)
+    slow, fast = _Timed(0.006), _Timed(0.0)
+    assert runtimes.one_loop_model(slow, fast, x, t) is fast
+    assert runtimes.one_loop_model(_Timed(0.0), _Timed(0.006), x, t).seconds == 0.0
+    long_call, single = _Timed(runtimes.SHORT_CALL_S * 1.5), _Timed(0.0)
+    assert runtimes.one_loop_model(long_call, single, x, t) is long_call and single.calls == 0
 
 
 def test_bad_workers(tiny_model) -> None:
