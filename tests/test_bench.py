@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -180,3 +181,12 @@ def test_targets_follow_the_device_of_the_run() -> None:
     on_cpu = [t["target"] for t in targets(rows, gpu=False)]
     assert on_gpu == ["(H100) engine >= 3x diffusers DDIMPipeline (cifar-ddpm, batch 1, DDIM-50)"]
     assert on_cpu == ["(CPU) engine >= 5x diffusers DDIMPipeline (digits, batch 1, DDIM-50)"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_machine_record_names_the_allocator_setting() -> None:
+    """The bench keeps freed memory in glibc's heap for the run (page faults of fresh mmap pages made the eager step's
+    time vary 2x between runs) and says so in the machine record; --update refuses a file made otherwise."""
+    from fastdiff.bench.runner import describe_machine
+
+    assert describe_machine(torch.device("cpu"))["malloc"].startswith("glibc: mmap threshold 32 MiB")

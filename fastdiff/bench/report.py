@@ -125,7 +125,8 @@ def markdown(result: dict) -> str:
              f"{m['date']} · {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads) · ISA {isa}"
              f" · torch {m['torch']} · CUDA {m['cuda']} · step backend {m['step_backend']}"
              f" · step CPU path {m.get('step_cpu_isa', '?')} · onnxruntime {m.get('onnxruntime') or 'not installed'}"
-             f" · diffusers {m['diffusers'] or 'not installed'} · load average at start {m.get('load_average')}"
+             f" · diffusers {m['diffusers'] or 'not installed'} · malloc {m.get('malloc', 'default')}"
+             f" · load average at start {m.get('load_average')}"
              f", at the end {m.get('load_average_end')}", ""]
     lines += [f"- {n}" for n in result.get("notes", [])] + [""]
     tg = result.get("targets") or []
