@@ -42,6 +42,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str | None:
+    """Vendor, family, model and stepping (e.g. 'AuthenticAMD family 23 model 49 stepping 0', a Zen 2): VMs name
+    their CPU 'AMD EPYC' whatever its generation, and the generation decides what INT8 and AVX-512 buy."""
+    fields = {}
+    for line in _cpuinfo().splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if "cpu family" not in fields:
+        return None
+    return (f"{fields.get('vendor_id', '?')} family {fields['cpu family']} model {fields.get('model', '?')}"
+            f" stepping {fields.get('stepping', '?')}")
+
+
 def cpu_isa() -> list[str]:
     """The kernel-relevant vector ISA flags of this CPU (empty where /proc/cpuinfo is not readable)."""
     for line in _cpuinfo().splitlines():
@@ -69,7 +84,8 @@ def machine_info(device: torch.device) -> dict:
     from . import __version__
 
     info = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "host": platform.node(),
-            "os": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(), "cpu_isa": cpu_isa(),
+            "os": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(), "cpu_id": cpu_id(),
+            "cpu_isa": cpu_isa(),
             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "fastdiff": __version__, "device": str(device),
             "device_name": device_name(device), "gpu": device_name(device) if device.type == "cuda" else None,

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +192,24 @@ def test_machine_record_names_the_allocator_setting() -> None:
     from fastdiff.bench.runner import describe_machine
 
     assert describe_machine(torch.device("cpu"))["malloc"].startswith("glibc: mmap threshold 32 MiB")
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads /proc/cpuinfo")
+def test_machine_record_names_the_cpu_generation(tmp_path, capsys) -> None:
+    """'AMD EPYC' names Zen 2 to Zen 5 alike: the record keeps family/model, results.md shows it, and --update
+    refuses a file measured on another generation."""
+    from fastdiff.machine import cpu_id
+
+    family = re.search(r"^cpu family\s*:\s*(\d+)", Path("/proc/cpuinfo").read_text(), re.M)
+    if family is None:
+        pytest.skip("this /proc/cpuinfo has no 'cpu family' (not x86)")
+    assert f"family {family.group(1)} model " in cpu_id()
+    out = tmp_path / "res"
+    assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--sections", "step"]) == 0
+    assert f"[{cpu_id()}]" in (out / "results.md").read_text()
+    data = json.loads((out / "results.json").read_text())
+    data["machine"]["cpu_id"] = "AuthenticAMD family 99 model 1 stepping 0"
+    (out / "results.json").write_text(json.dumps(data))
+    assert main(["bench", "--smoke", "--out", str(out), "--quiet", "--sections", "step", "--update",
+                 "--only", "^step:fused"]) == 2
+    assert "cpu_id" in capsys.readouterr().err

@@ -122,7 +122,7 @@ def markdown(result: dict) -> str:
     m, rows = result["machine"], result["rows"]
     isa = " ".join(m.get("cpu_isa") or []) or "unknown"
     lines = [f"# fastdiff bench ({result['mode']}) — {m['device_name']}", "",
-             f"{m['date']} · {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads) · ISA {isa}"
+             f"{m['date']} · {m['cpu']}{' [' + m['cpu_id'] + ']' if m.get('cpu_id') else ''} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads) · ISA {isa}"
              f" · torch {m['torch']} · CUDA {m['cuda']} · step backend {m['step_backend']}"
              f" · step CPU path {m.get('step_cpu_isa', '?')} · onnxruntime {m.get('onnxruntime') or 'not installed'}"
              f" · diffusers {m['diffusers'] or 'not installed'} · malloc {m.get('malloc', 'default')}"

@@ -252,6 +252,8 @@ def _previous(out: Path, mode: str, machine: dict) -> dict:
         raise ValueError(f"--update: {path} does not exist (run the full suite into --out first)")
     base = json.loads(path.read_text())
     same = [k for k in ("device_name", "cpu", "cpu_isa", "torch_threads", "malloc") if base["machine"].get(k) != machine.get(k)]
+    if base["machine"].get("cpu_id") and base["machine"]["cpu_id"] != machine.get("cpu_id"):  # older files lack it
+        same.append("cpu_id")
     if base.get("mode") != mode or same:
         raise ValueError(f"--update: {path} is a {base.get('mode')} run on another machine or setting "
                          f"({', '.join(same) or 'mode'} differ); write to a new --out instead")
