@@ -27,6 +27,16 @@ def pytest_sessionstart(session) -> None:
         )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on a small
+    shared CPU, torch's thread pool spin-waits under contention and runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- global torch state: a test that changes it fails, and the state is put back --------------------
 def _torch_state() -> dict:
     return {

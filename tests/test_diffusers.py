@@ -39,13 +39,7 @@ def accepted(cls: type, config: dict) -> dict:
 ATOL = 2e-5  # fp32: diffusers keeps its tables and scalars in float32, fastdiff computes the scalars in float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a small shared CPU, torch's thread pool is many times slower under contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:

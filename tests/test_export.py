@@ -30,13 +30,7 @@ GOLDEN = Path(__file__).with_name("golden_normals.json")
 T = 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a small shared CPU, torch's thread pool is many times slower under contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(out: Path, num_classes: int, prediction_type: str) -> Path:

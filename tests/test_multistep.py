@@ -26,12 +26,7 @@ COEFS = {"2nd": C2, "1st": C2._replace(k_prev=0.0), "ode": C2._replace(sigma=0.0
          "noclip": C2._replace(clip_range=math.inf)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- coefficients vs diffusers ----------------------------------------------------------------------------------
