@@ -279,10 +279,10 @@ def one_loop_model(full: OrtModel, single: OrtModel, x: torch.Tensor, t: torch.T
     if time.perf_counter() - start > SHORT_CALL_S:
         return full
     single(x, t, y)
-    times: dict[int, list[float]] = {0: [], 1: []}
+    times: dict[OrtModel, list[float]] = {full: [], single: []}
     for r in range(rounds):
-        for i, model in ((0, full), (1, single)) if r % 2 == 0 else ((1, single), (0, full)):
+        for model in (full, single) if r % 2 == 0 else (single, full):
             start = time.perf_counter()
             model(x, t, y)
-            times[i].append(time.perf_counter() - start)
-    return single if statistics.median(times[1]) < statistics.median(times[0]) else full
+            times[model].append(time.perf_counter() - start)
+    return single if statistics.median(times[single]) < statistics.median(times[full]) else full
