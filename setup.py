@@ -5,6 +5,8 @@ torch is a CUDA build and nvcc is found. Knobs (environment):
   FASTDIFF_NO_EXTENSION=1    build no extension (fastdiff.ops falls back to the PyTorch reference)
   FASTDIFF_FORCE_CUDA=1      build the CUDA kernel even if nvcc/CUDA detection says no (=0: never)
   FASTDIFF_CUDA_ARCH_LIST    GPU architectures (default "8.0;8.6;9.0"; exported as TORCH_CUDA_ARCH_LIST)
+  FASTDIFF_SHARED_LIBSTDCXX=1  link libstdc++.so.6 by name, for a compiler that links libstdc++ statically
+                             (the extension must share torch's C++ runtime: see benchmarks/gpu_check.sh)
   MAX_JOBS                   parallel compile jobs (honoured by torch.utils.cpp_extension)
 """
 from __future__ import annotations
@@ -57,6 +59,8 @@ def _extensions() -> tuple[list, dict]:
     sources.append("csrc/multistep.cpp")  # DPM-Solver++ multistep_step (its own schema fragment)
     args = {"cxx": host}
     kwargs = {"extra_link_args": ["-fopenmp"], "include_dirs": [str(ROOT / "csrc")]}
+    if _flag("FASTDIFF_SHARED_LIBSTDCXX"):  # resolves std:: before the driver's own (static) libstdc++ is searched
+        kwargs["extra_link_args"].append("-l:libstdc++.so.6")
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FASTDIFF_CUDA_ARCH_LIST", "8.0;8.6;9.0")
         sources += ["csrc/cuda/step.cu", "csrc/cuda/multistep.cu"]

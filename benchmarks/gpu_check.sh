@@ -9,7 +9,7 @@
 # Knobs (environment): OUT, BENCH_BUDGET_S (seconds for `bench --full`, default 360; 0 = no limit),
 # BENCH_MODE (full | quick, default full), BENCH_ONLY (a `bench --only` regex, e.g. '^(?!(peers|e2e):compile)'
 # to leave out the max-autotune compiles), TESTS (pytest paths, default tests), TESTS_TIMEOUT_S (default 600),
-# SKIP_TESTS=1, SKIP_NCU=1, PYTHON (default: python3), FASTDIFF_CUDA_ARCH_LIST (default: this GPU's).
+# SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, PYTHON (default: python3), FASTDIFF_CUDA_ARCH_LIST (default: this GPU's).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -36,8 +36,8 @@ build() {
   MAX_JOBS=${MAX_JOBS:-8} "$PY" setup.py build_ext --inplace
 }
 # An error raised inside the extension must come back as a RuntimeError. On the H200 image of 2026-12-04 the default
-# c++ (/opt/gcc/bin/g++) built an extension that crashed (SIGSEGV) formatting any such message, in libstdc++ code
-# linked into _C.so; the distribution's g++ is the fallback.
+# compiler ($CXX=/opt/gcc/bin/g++) linked parts of a static libstdc++ into _C.so (std::ostream code sat in _C.so), and the
+# extension crashed (SIGSEGV) formatting any such message; naming the shared runtime at link time is the fallback.
 raises_cleanly() {
   "$PY" -c 'import torch, fastdiff.ops, sys
 x = torch.zeros(2, 3)
@@ -48,9 +48,10 @@ except RuntimeError as e:
 sys.exit(1)' > /dev/null 2>&1
 }
 build > "$DIR/build.log" 2>&1 || { echo "gpu_check: build failed, see $DIR/build.log" >&2; exit 1; }
-if ! raises_cleanly && [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then
-  echo "gpu_check: the extension built with $(command -v c++) crashes on its own error messages; rebuilding with /usr/bin/g++" | tee -a "$DIR/build.log"
-  CXX=/usr/bin/g++ build >> "$DIR/build.log" 2>&1 || { echo "gpu_check: build failed, see $DIR/build.log" >&2; exit 1; }
+if ! raises_cleanly; then
+  echo "gpu_check: the extension built with $(command -v "${CXX:-c++}") crashes on its own error messages;" \
+    "rebuilding with FASTDIFF_SHARED_LIBSTDCXX=1" | tee -a "$DIR/build.log"
+  FASTDIFF_SHARED_LIBSTDCXX=1 build >> "$DIR/build.log" 2>&1 || { echo "gpu_check: build failed, see $DIR/build.log" >&2; exit 1; }
 fi
 raises_cleanly || { echo "gpu_check: the extension crashes when it raises an error (see build.log); set CXX to another compiler" >&2; status=1; }
 "$PY" - > "$DIR/backend.txt" 2>&1 <<'PYEOF'
@@ -79,12 +80,14 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 # 4. Benchmarks (results.json is rewritten after each section, so a time-out keeps what was measured).
-only=(); [ -n "${BENCH_ONLY:-}" ] && only=(--only "$BENCH_ONLY")
-"$PY" -m fastdiff bench --"${BENCH_MODE:-full}" --device cuda --out "$DIR" \
-  --time-budget "${BENCH_BUDGET_S:-360}" "${only[@]}" > "$DIR/bench.log" 2>&1
-rc=$?
-tail -n 8 "$DIR/bench.log"
-[ $rc -eq 0 ] || { echo "gpu_check: bench failed (rc $rc), see $DIR/bench.log" >&2; status=1; }
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  only=(); [ -n "${BENCH_ONLY:-}" ] && only=(--only "$BENCH_ONLY")
+  "$PY" -m fastdiff bench --"${BENCH_MODE:-full}" --device cuda --out "$DIR" \
+    --time-budget "${BENCH_BUDGET_S:-360}" "${only[@]}" > "$DIR/bench.log" 2>&1
+  rc=$?
+  tail -n 8 "$DIR/bench.log"
+  [ $rc -eq 0 ] || { echo "gpu_check: bench failed (rc $rc), see $DIR/bench.log" >&2; status=1; }
+fi
 
 # 5. Optional: Nsight Compute profile of the fused step kernel (16M fp32 elements).
 if [ "${SKIP_NCU:-0}" != 1 ] && command -v ncu > /dev/null; then
