@@ -1,7 +1,8 @@
 // Counter-based Gaussian noise: Philox4x32-10 (Random123) + a portable Box-Muller.
 //
 // The contract (docs/design.md §3): z(seed, step, i) is bit-identical on the host, the device,
-// NumPy and PyTorch (fastdiff/noise.py mirrors every operation below, in the same order).
+// NumPy and PyTorch (fastdiff/noise.py mirrors every floating-point operation below, in the same order; the
+// integer bit manipulations may differ where they give the same bits).
 // Only float32 + - * / and sqrt, each correctly rounded; no libm, no fma (host: -ffp-contract=off,
 // device: -fmad=false).
 //
@@ -125,13 +126,15 @@ template <class L>
 FD_HD typename L::F radius(typename L::U U) {
   using F = typename L::F;
   using V = typename L::U;
-  const F u = L::to_float(((U >> 9) << 1) + V(1u)) * F(0x1p-24f);
-  const V bits = L::bits(u);
-  V e = ((bits >> 23) & V(0xffu)) - V(127u);  // int32 arithmetic in uint32 lanes (two's complement)
-  F mant = L::from_bits((bits & V(0x7fffffu)) | V(0x3f800000u));  // [1, 2)
-  const auto big = mant > F(0x1.6a09e6p+0f);                        // sqrt(2)
-  mant = L::sel(big, mant * F(0.5f), mant);
-  e = L::sel(big, e + V(1u), e);
+  const F u = L::to_float((U >> 8) | V(1u)) * F(0x1p-24f);  // (U >> 8) | 1 == 2 * (U >> 9) + 1
+  // u = 2^e * mant, mant in (sqrt(2)/2, sqrt(2)]: where u's significand exceeds sqrt(2) (its fraction field is
+  // >= kHalve) it is halved, exactly, and e raised by one. Subtracting kHalve from u's bits borrows from the
+  // exponent field exactly where it is not. (int32 arithmetic in uint32 lanes, two's complement; the same bits as
+  // comparing, halving and selecting: checked for all 2^23 inputs.)
+  constexpr uint32_t kHalve = 0x3504f4u;  // the fraction field of the float after sqrt(2) = 0x1.6a09e6p+0
+  const V t = L::bits(u) - V(kHalve);
+  const V e = (t >> 23) - V(126u);
+  const F mant = L::from_bits((t & V(0x7fffffu)) + V(kHalve + (126u << 23)));
   // ln(mant) = 2 atanh(s) = 2s (1 + s^2/3 + s^4/5 + s^6/7 + s^8/9)
   const F s = (mant - F(1.0f)) / (mant + F(1.0f));
   const F s2 = s * s;
@@ -150,7 +153,7 @@ FD_HD void cos_sin(typename L::U V, typename L::F& cos_t, typename L::F& sin_t) 
   using W = typename L::U;
   const W o = V >> 29;
   const W q = o >> 1;
-  const auto h = (o & W(1u)) != W(0u);
+  const auto h = (o & W(1u)) == W(1u);
   W f = (V >> 6) & W(0x7fffffu);
   f = L::sel(h, W(0x7fffffu) - f, f);
   const F phi = L::to_float((f << 1) + W(1u)) * F(0x1.921fb6p-25f);
@@ -167,12 +170,12 @@ FD_HD void cos_sin(typename L::U V, typename L::F& cos_t, typename L::F& sin_t) 
   const F cos_p = c * p2 + F(1.0f);
   const F sin_a = L::sel(h, cos_p, sin_p);
   const F cos_a = L::sel(h, sin_p, cos_p);
-  const auto odd = (q & W(1u)) != W(0u);
+  const auto odd = (q & W(1u)) == W(1u);
   const F ct = L::sel(odd, sin_a, cos_a);
   const F st = L::sel(odd, cos_a, sin_a);
-  // negate (flip the sign bit) cos for q = 1, 2 and sin for q = 2, 3; branch-free
-  cos_t = L::from_bits(L::bits(ct) ^ (((q ^ (q >> 1)) & W(1u)) << 31));
-  sin_t = L::from_bits(L::bits(st) ^ ((q >> 1) << 31));
+  // negate (flip the sign bit) cos for q = 1, 2 and sin for q = 2, 3 (q = V >> 30); branch-free
+  cos_t = L::from_bits(L::bits(ct) ^ ((V ^ (V << 1)) & W(0x80000000u)));
+  sin_t = L::from_bits(L::bits(st) ^ (V & W(0x80000000u)));
 }
 
 // The two normals (R cos θ, R sin θ) of the word pair (U, V).

@@ -52,6 +52,7 @@ import torch
 from tqdm import tqdm
 
 from . import ops, runtimes
+from .nn.unet import UNetConfig
 from .request import SampleRequest, check_float, check_int
 from .sampling import SAMPLERS, Model, denoise, initial_noise, make_seeds
 from .schedule import NoiseSchedule, Step
@@ -195,6 +196,7 @@ class Engine:
         image_shape = tuple(int(s) for s in image_shape)
         if not image_shape or any(s < 1 for s in image_shape):
             raise ValueError(f"image_shape must be positive sizes (C, H, W); got {image_shape}")
+        self._check_unet_shape(image_shape)
         guidance = check_float("guidance", guidance, 0.0)
         y = None
         if classes is not None:
@@ -206,6 +208,20 @@ class Engine:
         elif guidance != 1.0:
             raise ValueError("guidance != 1 needs class ids (and a class-conditional model)")
         return seeds.to(self.device), image_shape, y, guidance
+
+    def _check_unet_shape(self, image_shape: tuple[int, ...]) -> None:
+        """A fastdiff UNet takes its channels and sizes its levels can halve; the ort runtime, its exported size."""
+        config = getattr(self.model, "config", None)
+        if not isinstance(config, UNetConfig):
+            return
+        down = 2 ** (len(config.ch_mult) - 1)
+        if len(image_shape) != 3 or image_shape[0] != config.in_channels or image_shape[1] % down or image_shape[2] % down:
+            raise ValueError(f"image_shape must be ({config.in_channels}, H, W) with H and W multiples of {down} for "
+                             f"this U-Net; got {image_shape}")
+        size = (config.in_channels, config.image_size, config.image_size)
+        if self.runtime == "ort" and image_shape != size:
+            raise ValueError(f"image_shape must be {size} on the ort runtime (the model's exported size; "
+                             f"runtime='torch' samples other sizes); got {image_shape}")
 
     def _autocast(self):
         if self.dtype is None:

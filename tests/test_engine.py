@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from fastdiff import engine, ops, sampling
+from fastdiff import engine, ops, runtimes, sampling
 from fastdiff.engine import Engine
 from fastdiff.ops import INITIAL_NOISE_COEFS, INITIAL_NOISE_STEP
 from fastdiff.nn.unet import UNet
@@ -107,6 +107,8 @@ def test_num_threads_restored(tiny_model, schedule) -> None:
     ({"classes": torch.tensor([0])}, "one class id"),
     ({"classes": torch.tensor([0.0, 1.0])}, "integer"),
     ({"image_shape": (1, 0, 8)}, "image_shape"),
+    ({"image_shape": (SHAPE[0] + 1,) + SHAPE[1:]}, r"image_shape must be \(1, H, W\)"),
+    ({"image_shape": SHAPE[:1] + (SHAPE[1] + 1, SHAPE[2])}, "multiples of 2"),
 ])
 def test_bad_inputs(tiny_model, schedule, kwargs, match) -> None:
     args = {"seeds": sampling.make_seeds(0, 2), "image_shape": SHAPE, "sampler": "ddim", "steps": 2, "classes": None,
@@ -115,6 +117,15 @@ def test_bad_inputs(tiny_model, schedule, kwargs, match) -> None:
     options = args.pop("options")
     with pytest.raises(ValueError, match=match):
         Engine(tiny_model, schedule).sample(**args, **options)
+
+
+@pytest.mark.skipif(not runtimes.ort_available(), reason="onnxruntime not installed")
+def test_ort_runtime_takes_the_exported_size_torch_any(tiny_model, schedule) -> None:
+    seeds, other = sampling.make_seeds(0, 1), (SHAPE[0], 2 * SHAPE[1], SHAPE[2])
+    with pytest.raises(ValueError, match=r"on the ort runtime .*runtime='torch'"):
+        Engine(tiny_model, schedule, runtime="ort").sample(seeds, other, "ddim", 2)
+    out = Engine(tiny_model, schedule, runtime="torch").sample(seeds, other, "ddim", 2)
+    assert out.shape == (1,) + other and torch.isfinite(out).all()
 
 
 def test_bad_construction(tiny_model, schedule) -> None:

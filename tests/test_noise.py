@@ -173,3 +173,20 @@ def test_statistics() -> None:
     # pairs from one Box-Muller draw are uncorrelated, also in their squares (independence check)
     pairs = z.reshape(len(seeds), -1, 2)
     assert abs(np.corrcoef(pairs[..., 0].ravel() ** 2, pairs[..., 1].ravel() ** 2)[0, 1]) < 5 / math.sqrt(n / 2)
+
+
+def test_radius_exponent_split_same_for_every_input() -> None:
+    """csrc/philox.h splits u into (e, mant) by one subtraction from its bits; noise._radius (the readable form)
+    compares, halves and selects. The two must agree for every one of the 2^23 values u takes."""
+    k = np.arange(1 << 23, dtype=np.uint32)  # U >> 9
+    assert np.array_equal(((k << 9) >> 8) | 1, (k << 1) + 1)  # (U >> 8) | 1 == 2 * (U >> 9) + 1
+    u = ((k << 1) + 1).astype(np.float32) * np.float32(2.0**-24)
+    bits = u.view(np.uint32)
+    big = ((bits & 0x7FFFFF) | 0x3F800000).view(np.float32) > noise.SQRT2
+    e_old = ((bits >> 23) & 0xFF).astype(np.int64) - 127 + big
+    mant_old = np.where(big, ((bits & 0x7FFFFF) | 0x3F000000), ((bits & 0x7FFFFF) | 0x3F800000))  # x 0.5: exact
+    t = bits - np.uint32(0x3504F4)
+    e_new = (t >> 23).astype(np.int64) - 126
+    mant_new = (t & 0x7FFFFF) + np.uint32(0x3504F4 + (126 << 23))
+    assert big.any() and not big.all()
+    assert np.array_equal(e_old, e_new) and np.array_equal(mant_old, mant_new)

@@ -30,6 +30,7 @@ inline V16U operator|(V16U a, V16U b) { return _mm512_or_si512(a.v, b.v); }
 inline V16U operator^(V16U a, V16U b) { return _mm512_xor_si512(a.v, b.v); }
 inline V16U operator+(V16U a, V16U b) { return _mm512_add_epi32(a.v, b.v); }
 inline V16U operator-(V16U a, V16U b) { return _mm512_sub_epi32(a.v, b.v); }
+inline __mmask16 operator==(V16U a, V16U b) { return _mm512_cmpeq_epu32_mask(a.v, b.v); }
 inline __mmask16 operator!=(V16U a, V16U b) { return _mm512_cmpneq_epu32_mask(a.v, b.v); }
 inline V16F operator+(V16F a, V16F b) { return _mm512_add_ps(a.v, b.v); }
 inline V16F operator-(V16F a, V16F b) { return _mm512_sub_ps(a.v, b.v); }
