@@ -210,18 +210,12 @@ class Engine:
         return seeds.to(self.device), image_shape, y, guidance
 
     def _check_unet_shape(self, image_shape: tuple[int, ...]) -> None:
-        """A fastdiff UNet takes its channels and sizes its levels can halve; the ort runtime, its exported size."""
         config = getattr(self.model, "config", None)
-        if not isinstance(config, UNetConfig):
-            return
-        down = 2 ** (len(config.ch_mult) - 1)
-        if len(image_shape) != 3 or image_shape[0] != config.in_channels or image_shape[1] % down or image_shape[2] % down:
-            raise ValueError(f"image_shape must be ({config.in_channels}, H, W) with H and W multiples of {down} for "
-                             f"this U-Net; got {image_shape}")
-        size = (config.in_channels, config.image_size, config.image_size)
-        if self.runtime == "ort" and image_shape != size:
-            raise ValueError(f"image_shape must be {size} on the ort runtime (the model's exported size; "
-                             f"runtime='torch' samples other sizes); got {image_shape}")
+        if isinstance(config, UNetConfig):
+            config.check_image_shape(image_shape)
+            if self.runtime == "ort" and image_shape != config.image_shape:
+                raise ValueError(f"image_shape must be {config.image_shape} on the ort runtime (the model's exported "
+                                 f"size; runtime='torch' samples other sizes); got {image_shape}")
 
     def _autocast(self):
         if self.dtype is None:

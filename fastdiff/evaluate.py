@@ -73,7 +73,7 @@ def evaluate_all(a: argparse.Namespace) -> None:
                                     "RUN_FOLDER")
         model, schedule, _ = load_model(ckpt)
         cfg = model.config
-        shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        shape = cfg.image_shape
     device = distributed.init(pick_device(a.device))  # under torchrun: every rank samples its share of each row
     if not distributed.is_main():
         a.quiet = True  # one set of progress bars

@@ -57,7 +57,7 @@ def describe(model: torch.nn.Module) -> tuple[tuple[int, int, int], int, dict]:
     module that declares image_shape, num_classes and model_config (e.g. interop.diffusers.DiffusersDenoiser)."""
     if isinstance(model, UNet):
         c = model.config
-        return (c.in_channels, c.image_size, c.image_size), c.num_classes, c.to_dict()
+        return c.image_shape, c.num_classes, c.to_dict()
     try:
         return tuple(int(s) for s in model.image_shape), int(model.num_classes), dict(model.model_config)
     except (AttributeError, TypeError, ValueError):

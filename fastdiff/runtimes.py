@@ -167,7 +167,7 @@ def calibration_feeds(fp32: "OrtModel", config, schedule: NoiseSchedule) -> list
     y = None
     if config.num_classes:
         y = torch.arange(CALIB_SEEDS) % (config.num_classes + 1) - 1  # -1: the null class
-    x = initial_noise(seeds, (config.in_channels, config.image_size, config.image_size))
+    x = initial_noise(seeds, config.image_shape)
     with torch.inference_mode():
         denoise(record, x, seeds, schedule.reverse_steps("ddim", CALIB_STEPS, eta=1.0), y=y, check_finite=False)
     return feeds

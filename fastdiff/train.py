@@ -77,9 +77,9 @@ class Trainer:
 
     def __init__(self, data: ImageData, model_config: UNetConfig, schedule: NoiseSchedule, config: TrainConfig,
                  out: Path, device: str | torch.device = "cpu", data_source: str = "digits"):
-        if data.image_shape != (model_config.in_channels, model_config.image_size, model_config.image_size):
+        if data.image_shape != model_config.image_shape:
             raise ValueError(f"data images are {data.image_shape}, the model expects "
-                             f"{(model_config.in_channels, model_config.image_size, model_config.image_size)}")
+                             f"{model_config.image_shape}")
         if model_config.num_classes and data.labels is None:
             raise ValueError("a class-conditional model needs labelled data (sub-folders, or 'labels' in the .npz)")
         self.data, self.schedule, self.config, self.out = data, schedule, config, Path(out)

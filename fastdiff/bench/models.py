@@ -27,7 +27,7 @@ def get_model(net: str, device: str) -> UNet:
 def image_shape(net: str) -> tuple[int, int, int]:
     """(C, H, W) of the images of a preset."""
     c = preset(net)
-    return (c.in_channels, c.image_size, c.image_size)
+    return c.image_shape
 
 
 @functools.lru_cache(maxsize=None)

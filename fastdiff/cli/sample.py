@@ -82,7 +82,7 @@ def run(a: argparse.Namespace) -> None:
         device = _device(a)
         steps = a.steps if a.steps is not None else default_steps(a.sampler, schedule.num_train_timesteps)
         source, backend = str(ckpt), ops.backend()
-        shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+        shape = model.config.image_shape
         num_classes = model.config.num_classes
     joined = distributed.init("cpu" if a.onnx else device)  # under torchrun: join its group; this rank's device
     device = device if a.onnx else joined

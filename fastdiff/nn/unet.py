@@ -30,6 +30,18 @@ class UNetConfig:
         if self.ch % 32:
             raise ValueError(f"ch must be a multiple of 32 (GroupNorm groups); got {self.ch}")
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images it was built for (and an export of it takes)."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+    def check_image_shape(self, image_shape: tuple[int, ...]) -> None:
+        """ValueError unless the U-Net takes images of this (C, H, W): its channels, sizes its levels can halve."""
+        down = 2 ** (len(self.ch_mult) - 1)
+        if len(image_shape) != 3 or image_shape[0] != self.in_channels or image_shape[1] % down or image_shape[2] % down:
+            raise ValueError(f"image_shape must be ({self.in_channels}, H, W) with H and W multiples of {down} for "
+                             f"this U-Net; got {tuple(image_shape)}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
         names = {f.name for f in fields(cls)}

@@ -151,7 +151,7 @@ def load_checkpoint(path: Path, name: str | None = None, device: torch.device | 
     c = model.config
     weights = path / WEIGHTS if path.is_dir() else path
     return TorchModel(name or model_name(path), path, weights, model, schedule,
-                      (c.in_channels, c.image_size, c.image_size), c.num_classes, device, num_threads)
+                      c.image_shape, c.num_classes, device, num_threads)
 
 
 def load_diffusers_model(path: Path, name: str | None = None, device: torch.device | str = "cpu",
