@@ -184,12 +184,13 @@ class BlockBias:
         with torch.no_grad():
             t = torch.arange(schedule.num_train_timesteps)
             self.table = model.block_biases(model.embedding(t)).float().contiguous()
+        self.rows = self.table[:, None].unbind(0)  # [1, W] views: a step's lookup is a list index, no torch op
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         """[1, W] when the batch shares one timestep (the samplers' case: ORT broadcasts it), else [B, W]."""
         steps = t.numpy()
-        if len(steps) and (steps == steps[0]).all():
-            return self.table[int(steps[0])][None]
+        if len(steps) == 1 or (len(steps) and (steps == steps[0]).all()):
+            return self.rows[steps[0]]
         return self.table.index_select(0, t)
 
 
