@@ -268,22 +268,26 @@ SHORT_CALL_S = 0.02  # one_loop_model measures only calls shorter than this (lon
 
 
 def one_loop_model(full: OrtModel, single: OrtModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                   rounds: int = 5) -> OrtModel:
+                   rounds: int = 9) -> OrtModel:
     """The faster of `full` (every thread) and `single` (its one-thread sibling) for a loop of calls like (x, t, y).
-    A short call is measured: the median of `rounds` interleaved calls of each, after a warm-up call. ORT splits each
-    op across threads, and for a small net's batch-1 call the split costs more than it saves (digits: 1.46 ms on one
-    thread, 1.70 ms on two, on the 2-core EPYC). A call of full longer than SHORT_CALL_S keeps every thread unmeasured
-    (cifar-ddpm batch 1: 75 ms on two threads, 118 ms on one). The outputs are the same bits either way: ORT
-    partitions a conv's outputs across threads, not its sums (tests/test_engine_runtimes.py)."""
+    A short call is measured: after a warm-up call of each, `rounds` rounds of one call each, in alternating order,
+    and the median of the rounds' single/full time ratios decides (a slow spell of a shared VM slows both calls of a
+    round alike; comparing the two medians let one such spell pick the slower session). ORT splits each op across
+    threads, and for a small net's batch-1 call the split costs more than it saves (digits: 1.46 ms on one thread,
+    1.70 ms on two, on the Zen 4 EPYC; the other way on the Zen 2). A call of full longer than SHORT_CALL_S keeps
+    every thread unmeasured (cifar-ddpm batch 1: 75 ms on two threads, 118 ms on one). The outputs are the same
+    bits either way: ORT partitions a conv's outputs across threads, not its sums (tests/test_engine_runtimes.py)."""
     start = time.perf_counter()
     full(x, t, y)
     if time.perf_counter() - start > SHORT_CALL_S:
         return full
     single(x, t, y)
-    times: dict[OrtModel, list[float]] = {full: [], single: []}
+    ratios = []
     for r in range(rounds):
+        seconds = {}
         for model in (full, single) if r % 2 == 0 else (single, full):
             start = time.perf_counter()
             model(x, t, y)
-            times[model].append(time.perf_counter() - start)
-    return single if statistics.median(times[single]) < statistics.median(times[full]) else full
+            seconds[model] = time.perf_counter() - start
+        ratios.append(seconds[single] / max(seconds[full], 1e-9))
+    return single if statistics.median(ratios) < 1.0 else full
