@@ -270,9 +270,10 @@ def _merged(base: dict, new: dict, only: str | None) -> dict:
     fresh = {_key(r): r for r in new["rows"]}
     rows = [fresh.pop(_key(r), r) for r in base["rows"]] + list(fresh.values())
     when = new["machine"]["date"]
-    notes = base.get("notes", []) + [f"Re-run at {when} (load average {new['machine'].get('load_average')}): the "
-                                     f"cases matching {only!r} ({len(new['rows'])} rows); the rest are from "
-                                     f"{base['machine']['date']}."]
+    same = f"the cases matching {only!r} ("  # an earlier re-run of the same cases: all its rows are replaced now
+    notes = [n for n in base.get("notes", []) if not (n.startswith("Re-run at") and same in n)]
+    notes += [f"Re-run at {when} (load average {new['machine'].get('load_average')}): {same}{len(new['rows'])} rows); "
+              f"the rest are from {base['machine']['date']}."]
     return {**base, "rows": rows, "notes": notes}
 
 
