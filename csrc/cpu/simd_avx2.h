@@ -62,14 +62,16 @@ struct Avx2Philox {
     lo = {_mm256_mul_epu32(a.e, kk), _mm256_mul_epu32(a.o, kk)};
     hi = {_mm256_srli_epi64(lo.e, 32), _mm256_srli_epi64(lo.o, 32)};
   }
-  // (c0, c1) of groups g .. g+7: the low and high words of the 64-bit group index
+  // (c0, c1) of groups g .. g+7: the low and high words of the 64-bit group index. The groups sit in the order
+  // (0, 2, 1, 3 | 4, 6, 5, 7) so that to_lanes' one in-lane shuffle puts group 2m in lane m and group 2m + 1 in lane
+  // 4 + m, the order in which Avx2Lanes::store_groups writes whole registers.
   static void counters(uint64_t g, U& c0, U& c1) {
     const __m256i base = _mm256_set1_epi64x(static_cast<long long>(g));
-    c0 = {_mm256_add_epi64(base, _mm256_setr_epi64x(0, 1, 2, 3)), _mm256_add_epi64(base, _mm256_setr_epi64x(4, 5, 6, 7))};
+    c0 = {_mm256_add_epi64(base, _mm256_setr_epi64x(0, 2, 1, 3)), _mm256_add_epi64(base, _mm256_setr_epi64x(4, 6, 5, 7))};
     c1 = {_mm256_srli_epi64(c0.e, 32), _mm256_srli_epi64(c0.o, 32)};
   }
-  // The 8 words packed in one register, lane i holding group kLaneGroup[i] = (0, 1, 4, 5, 2, 3, 6, 7): the order
-  // one in-lane shuffle gives (e0, e1, o0, o1 | e2, e3, o2, o3), which store_groups undoes for free.
+  // The 8 words packed in one register by one in-lane shuffle, (e0, e1, o0, o1 | e2, e3, o2, o3): lane m holds
+  // group 2m and lane 4 + m group 2m + 1 (see counters).
   static V8U to_lanes(U a) {
     return _mm256_castps_si256(
         _mm256_shuffle_ps(_mm256_castsi256_ps(a.e), _mm256_castsi256_ps(a.o), _MM_SHUFFLE(2, 0, 2, 0)));
@@ -101,20 +103,20 @@ struct Avx2Lanes {
   }
   static U load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static F loadf(const float* p) { return _mm256_loadu_ps(p); }
-  // z[4g + 0..3] = (c0[i], s0[i], c1[i], s1[i]) for the 8 lanes i, lane i holding group (0, 1, 4, 5, 2, 3, 6, 7)[i]
-  // (Avx2Philox::to_lanes).
+  // z[4g + 0..3] = (c0, s0, c1, s1) of group g, for the 8 groups of the lanes: lane m holds group 2m and lane 4 + m
+  // group 2m + 1 (Avx2Philox::counters), so each transposed register is two whole groups in place.
   static void store_groups(float* z, F c0, F s0, F c1, F s1) {
     const __m256 plo = _mm256_unpacklo_ps(c0.v, s0.v), phi = _mm256_unpackhi_ps(c0.v, s0.v);
     const __m256 qlo = _mm256_unpacklo_ps(c1.v, s1.v), qhi = _mm256_unpackhi_ps(c1.v, s1.v);
-    // r_m, 128-bit lane k: lane 4k + m
+    // r_m, 128-bit lane k: the four outputs of lane 4k + m, i.e. groups (2m | 2m + 1)
     const __m256 r0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(plo), _mm256_castps_pd(qlo)));
     const __m256 r1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(plo), _mm256_castps_pd(qlo)));
     const __m256 r2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(phi), _mm256_castps_pd(qhi)));
     const __m256 r3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(phi), _mm256_castps_pd(qhi)));
-    _mm256_storeu_ps(z, _mm256_permute2f128_ps(r0, r1, 0x20));       // groups 0, 1
-    _mm256_storeu_ps(z + 16, _mm256_permute2f128_ps(r2, r3, 0x20));  // 4, 5
-    _mm256_storeu_ps(z + 8, _mm256_permute2f128_ps(r0, r1, 0x31));   // 2, 3
-    _mm256_storeu_ps(z + 24, _mm256_permute2f128_ps(r2, r3, 0x31));  // 6, 7
+    _mm256_storeu_ps(z, r0);
+    _mm256_storeu_ps(z + 8, r1);
+    _mm256_storeu_ps(z + 16, r2);
+    _mm256_storeu_ps(z + 24, r3);
   }
 };
 
