@@ -36,8 +36,9 @@ build() {
   MAX_JOBS=${MAX_JOBS:-8} "$PY" setup.py build_ext --inplace
 }
 # An error raised inside the extension must come back as a RuntimeError. On the H200 image of 2026-12-04 the default
-# compiler ($CXX=/opt/gcc/bin/g++) linked parts of a static libstdc++ into _C.so (std::ostream code sat in _C.so), and the
-# extension crashed (SIGSEGV) formatting any such message; naming the shared runtime at link time is the fallback.
+# compiler ($CXX=/opt/gcc/bin/g++) linked parts of a static libstdc++ into _C.so (std::ostream code sat in _C.so),
+# and the extension crashed (SIGSEGV) formatting any such message; naming the shared runtime at link time is the
+# fallback.
 raises_cleanly() {
   "$PY" -c 'import torch, fastdiff.ops, sys
 x = torch.zeros(2, 3)

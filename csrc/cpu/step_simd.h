@@ -11,7 +11,8 @@ namespace cpu {
 namespace {
 
 // Software-pipelined: the Philox words of the next L::width groups are made in the same loop body as the
-// Box-Muller of these, so the two long dependency chains overlap (benchmarks/noise_ab.sh: AVX2 on Zen 2, with simd_avx2.h's lane order, 1.18x).
+// Box-Muller of these, so the two long dependency chains overlap (benchmarks/noise_ab.sh: AVX2 on Zen 2, with
+// simd_avx2.h's lane order, 1.18x).
 template <class L>
 void noise_groups_simd(uint64_t seed, uint32_t step, uint64_t g0, int64_t n, float* z) {
   using P = typename L::Philox;  // Philox lanes (philox_rounds needs only ^, a broadcast and mulhilo)
