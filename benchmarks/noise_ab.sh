@@ -3,6 +3,8 @@
 # working tree (B): the two must give the same bits, then one thread times both in paired rounds.
 #
 #   bash benchmarks/noise_ab.sh [REV]        # REV defaults to HEAD; prints one line per ISA this CPU has
+#   bash benchmarks/noise_ab.sh DIR          # A = DIR/csrc (e.g. `git archive REV csrc | tar -x -C DIR` made where
+#                                            # there is no .git, as on the GPU machine)
 #
 # It compiles with the extension's host flags (setup.py); CXX picks the compiler.
 set -eu -o pipefail
@@ -10,7 +12,11 @@ cd "$(dirname "$0")/.."
 REV=${1:-HEAD}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-git archive "$REV" csrc | tar -x -C "$TMP"
+if [ -d "$REV/csrc" ]; then
+  cp -r "$REV/csrc" "$TMP/csrc"; NAME="$REV/csrc"
+else
+  git archive "$REV" csrc | tar -x -C "$TMP"; NAME="$REV ($(git rev-parse --short "$REV"))"
+fi
 FLAGS="-O3 -std=c++17 -ffp-contract=off -fno-math-errno -fno-trapping-math -fschedule-insns -fsched-pressure"
 CXX=${CXX:-c++}
 for side in a b; do
@@ -19,6 +25,6 @@ for side in a b; do
   $CXX $FLAGS -I"$src" -DFD_ISA_AVX512=1 -DFN=avx512_$side -c benchmarks/noise_ab/kernel.cpp -o "$TMP/avx512_$side.o"
 done
 $CXX -O2 -std=c++17 benchmarks/noise_ab/main.cpp "$TMP"/*.o -o "$TMP/noise_ab"
-echo "A = $REV ($(git rev-parse --short "$REV")), B = the working tree; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" \
+echo "A = $NAME, B = the working tree; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" \
   "[$(grep -m1 'cpu family' /proc/cpuinfo | cut -d: -f2 | xargs)/$(grep -m1 '^model\s' /proc/cpuinfo | cut -d: -f2 | xargs)]"
 "$TMP/noise_ab"
