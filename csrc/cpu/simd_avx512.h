@@ -40,8 +40,8 @@ inline __mmask16 operator<(V16F a, V16F b) { return _mm512_cmp_ps_mask(a.v, b.v,
 inline __mmask16 operator>(V16F a, V16F b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
 
 // Philox lanes: 16 counters as two registers of 8 64-bit lanes, each word in the low 32 bits. vpmuludq
-// reads only those, so a round is one multiply + one shift per product; the high halves hold garbage
-// that nothing reads.
+// reads only those, so a round is one multiply + one in-lane shuffle per product (a shuffle, not a shift: the
+// shift unit is the busier one); the high halves hold garbage that nothing reads.
 struct W16U {
   __m512i e, o;  // counters 0..7 and 8..15
   W16U() = default;
@@ -55,18 +55,22 @@ struct Avx512Philox {
   static void mulhilo(uint32_t k, U a, U& hi, U& lo) {
     const __m512i kk = _mm512_set1_epi32(static_cast<int>(k));
     lo = {_mm512_mul_epu32(a.e, kk), _mm512_mul_epu32(a.o, kk)};
-    hi = {_mm512_srli_epi64(lo.e, 32), _mm512_srli_epi64(lo.o, 32)};
+    hi = {_mm512_shuffle_epi32(lo.e, _MM_PERM_DDBB), _mm512_shuffle_epi32(lo.o, _MM_PERM_DDBB)};
   }
-  // (c0, c1) of groups g .. g+15: the low and high words of the 64-bit group index
+  // (c0, c1) of groups g .. g+15: the low and high words of the 64-bit group index. The groups sit in the order
+  // (0, 4, 1, 5, 2, 6, 3, 7 | 8, 12, 9, 13, 10, 14, 11, 15) so that to_lanes' one in-lane shuffle puts group 4m + k
+  // in lane 4k + m, the order in which Avx512Lanes::store_groups writes whole registers.
   static void counters(uint64_t g, U& c0, U& c1) {
     const __m512i base = _mm512_set1_epi64(static_cast<long long>(g));
-    c0 = {_mm512_add_epi64(base, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)),
-          _mm512_add_epi64(base, _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15))};
+    c0 = {_mm512_add_epi64(base, _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7)),
+          _mm512_add_epi64(base, _mm512_setr_epi64(8, 12, 9, 13, 10, 14, 11, 15))};
     c1 = {_mm512_srli_epi64(c0.e, 32), _mm512_srli_epi64(c0.o, 32)};
   }
+  // The 16 words packed in one register by one in-lane shuffle: 128-bit lane k holds (e[2k], e[2k + 1], o[2k],
+  // o[2k + 1]), i.e. lane 4k + m holds group 4m + k (see counters).
   static V16U to_lanes(U a) {
-    const __m512i low = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    return _mm512_permutex2var_epi32(a.e, low, a.o);
+    return _mm512_castps_si512(
+        _mm512_shuffle_ps(_mm512_castsi512_ps(a.e), _mm512_castsi512_ps(a.o), _MM_SHUFFLE(2, 0, 2, 0)));
   }
 };
 
@@ -96,21 +100,20 @@ struct Avx512Lanes {
   }
   static U load(const uint32_t* p) { return _mm512_loadu_si512(p); }
   static F loadf(const float* p) { return _mm512_loadu_ps(p); }
-  // z[4g + 0..3] = (c0[g], s0[g], c1[g], s1[g]) for the 16 groups g of the lanes.
+  // z[4g + 0..3] = (c0, s0, c1, s1) of group g, for the 16 groups of the lanes: lane 4k + m holds group 4m + k
+  // (Avx512Philox::counters), so each transposed register is four whole groups in place.
   static void store_groups(float* z, F c0, F s0, F c1, F s1) {
     const __m512 plo = _mm512_unpacklo_ps(c0.v, s0.v), phi = _mm512_unpackhi_ps(c0.v, s0.v);
     const __m512 qlo = _mm512_unpacklo_ps(c1.v, s1.v), qhi = _mm512_unpackhi_ps(c1.v, s1.v);
-    // r_m, 128-bit lane k: group 4k + m
+    // r_m, 128-bit lane k: the four outputs of lane 4k + m, i.e. group 4m + k
     const __m512 r0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(plo), _mm512_castps_pd(qlo)));
     const __m512 r1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(plo), _mm512_castps_pd(qlo)));
     const __m512 r2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(phi), _mm512_castps_pd(qhi)));
     const __m512 r3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(phi), _mm512_castps_pd(qhi)));
-    const __m512 a = _mm512_shuffle_f32x4(r0, r1, 0x44), b = _mm512_shuffle_f32x4(r2, r3, 0x44);
-    const __m512 c = _mm512_shuffle_f32x4(r0, r1, 0xEE), d = _mm512_shuffle_f32x4(r2, r3, 0xEE);
-    _mm512_storeu_ps(z, _mm512_shuffle_f32x4(a, b, 0x88));
-    _mm512_storeu_ps(z + 16, _mm512_shuffle_f32x4(a, b, 0xDD));
-    _mm512_storeu_ps(z + 32, _mm512_shuffle_f32x4(c, d, 0x88));
-    _mm512_storeu_ps(z + 48, _mm512_shuffle_f32x4(c, d, 0xDD));
+    _mm512_storeu_ps(z, r0);
+    _mm512_storeu_ps(z + 16, r1);
+    _mm512_storeu_ps(z + 32, r2);
+    _mm512_storeu_ps(z + 48, r3);
   }
 };
 
