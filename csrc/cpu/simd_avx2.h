@@ -60,7 +60,8 @@ struct Avx2Philox {
   static void mulhilo(uint32_t k, U a, U& hi, U& lo) {
     const __m256i kk = _mm256_set1_epi32(static_cast<int>(k));
     lo = {_mm256_mul_epu32(a.e, kk), _mm256_mul_epu32(a.o, kk)};
-    hi = {_mm256_shuffle_epi32(lo.e, _MM_SHUFFLE(3, 3, 1, 1)), _mm256_shuffle_epi32(lo.o, _MM_SHUFFLE(3, 3, 1, 1))};
+    constexpr int kHighDown = _MM_SHUFFLE(3, 3, 1, 1);
+    hi = {_mm256_shuffle_epi32(lo.e, kHighDown), _mm256_shuffle_epi32(lo.o, kHighDown)};
   }
   // (c0, c1) of groups g .. g+7: the low and high words of the 64-bit group index. The groups sit in the order
   // (0, 2, 1, 3 | 4, 6, 5, 7) so that to_lanes' one in-lane shuffle puts group 2m in lane m and group 2m + 1 in lane
