@@ -20,6 +20,11 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
+# Host compiler flags of the extension (benchmarks/noise_ab.sh reads them from here). -fno-math-errno and
+# -fno-trapping-math change no result; they let the loops if-convert and vectorise. On Linux (GCC), its
+# pre-allocation scheduler, off on x86 by default, interleaves the independent noise chains (same results).
+HOST_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+LINUX_HOST_FLAGS = ["-fschedule-insns", "-fsched-pressure"]
 
 
 def _flag(name: str) -> bool:
@@ -49,11 +54,8 @@ def _extensions() -> tuple[list, dict]:
     nvcc = shutil.which("nvcc") or (cuda_home and shutil.which("nvcc", path=str(Path(cuda_home) / "bin")))
     force = os.environ.get("FASTDIFF_FORCE_CUDA", "").strip()
     with_cuda = _flag("FASTDIFF_FORCE_CUDA") or (force != "0" and bool(torch.version.cuda and nvcc))
-    # -fno-math-errno/-fno-trapping-math change no result; they let the loops if-convert and vectorise.
     # No -std flag: torch picks the one its headers need (C++20 for torch >= 2.10; C++17 fails).
-    host = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-    if sys.platform.startswith("linux"):  # GCC: its pre-allocation scheduler, off on x86 by default, interleaves
-        host += ["-fschedule-insns", "-fsched-pressure"]  # the independent noise chains (same results; docs/performance.md)
+    host = HOST_FLAGS + (LINUX_HOST_FLAGS if sys.platform.startswith("linux") else [])
     # csrc/cpu/step_avx*.cpp: the AVX2 / AVX-512 kernels (per-function ISA targets, picked at load time)
     sources = ["csrc/ops.cpp", "csrc/cpu/step_avx2.cpp", "csrc/cpu/step_avx512.cpp"]
     sources.append("csrc/multistep.cpp")  # DPM-Solver++ multistep_step (its own schema fragment)

@@ -7,6 +7,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/kernels.h"  // kBlock (the working tree's)
+
 using Noise = void (*)(uint64_t, uint32_t, uint64_t, int64_t, float*);
 void avx2_a(uint64_t, uint32_t, uint64_t, int64_t, float*);
 void avx2_b(uint64_t, uint32_t, uint64_t, int64_t, float*);
@@ -15,7 +17,8 @@ void avx512_b(uint64_t, uint32_t, uint64_t, int64_t, float*);
 
 static double run(Noise f, int64_t groups, float* z) {
   const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t g = 0; g < groups; g += 64) f(1234, 7, static_cast<uint64_t>(g), 64, z + 4 * g);  // kBlock groups
+  using fastdiff::cpu::kBlock;
+  for (int64_t g = 0; g < groups; g += kBlock) f(1234, 7, static_cast<uint64_t>(g), kBlock, z + 4 * g);
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
