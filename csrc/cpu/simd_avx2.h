@@ -34,9 +34,6 @@ inline V8U operator^(V8U a, V8U b) { return _mm256_xor_si256(a.v, b.v); }
 inline V8U operator+(V8U a, V8U b) { return _mm256_add_epi32(a.v, b.v); }
 inline V8U operator-(V8U a, V8U b) { return _mm256_sub_epi32(a.v, b.v); }
 inline V8M operator==(V8U a, V8U b) { return {_mm256_cmpeq_epi32(a.v, b.v)}; }
-inline V8M operator!=(V8U a, V8U b) {
-  return {_mm256_xor_si256(_mm256_cmpeq_epi32(a.v, b.v), _mm256_set1_epi32(-1))};
-}
 inline V8F operator+(V8F a, V8F b) { return _mm256_add_ps(a.v, b.v); }
 inline V8F operator-(V8F a, V8F b) { return _mm256_sub_ps(a.v, b.v); }
 inline V8F operator*(V8F a, V8F b) { return _mm256_mul_ps(a.v, b.v); }
