@@ -378,8 +378,9 @@ def generate(model: Model, schedule: NoiseSchedule, image_shape: tuple[int, int,
         runner = Engine(model, schedule, device=device, channels_last=device.type == "cuda", runtime=runtime,
                         int8=int8) if engine else None
     out = []
-    batches = list(request.batches(batch_size))
-    for start, count in tqdm(batches, desc=f"{sampler}-{request.steps}", disable=not progress or len(batches) == 1):
+    total = -(-request.n // check_int("batch_size", batch_size, 1))  # a generator and a count: any n, bounded memory
+    for start, count in tqdm(request.batches(batch_size), total=total, desc=f"{sampler}-{request.steps}",
+                             disable=not progress or total == 1):
         seeds = make_seeds(request.seed + start, count, device)
         ids = request.class_ids(start, count)
         y = None if ids is None else torch.from_numpy(ids).to(device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,11 +49,16 @@ def check_name(name: str) -> str:
     return name
 
 
+SAMPLE_FILE = re.compile(r"\d{4,}\.png")
+
+
 class SampleSet:
     """Writes one set of samples — out/<name>/NNNN.png, out/<name>_grid.png, out/<name>.json — batch by batch,
     in bounded memory. Images go to a hidden folder first; `close` writes the grid, swaps the folder in
     (replacing an older set of that name as a whole) and writes the sidecar last, so the sidecar always
     describes exactly the files beside it. `abort` (or an exception inside `with`) leaves no new files.
+    Only a set's own files are ever replaced: a folder holding anything but NNNN.png files, or a grid or
+    sidecar path that is not a file, is refused (ValueError) before any work.
 
     Several processes can write one set (fastdiff.distributed.SharedSampleSet): the owner makes the set as
     usual and hands `folder_in_progress` to the others, who open `SampleSet(out, name, folder=that)` and
@@ -75,10 +81,26 @@ class SampleSet:
             return
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out}: exists and is not a folder")
+        self._check_replaceable()
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in self.out.glob(f".{self.name}.*.partial"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".partial", dir=self.out))
+        os.chmod(self._tmp, 0o755)  # mkdtemp makes 0700; samples are meant to be shared, like the grid beside them
+
+    def _check_replaceable(self) -> None:
+        """ValueError unless every path the set will (re)place is absent or one of a set's own files."""
+        for path in (self.out / f"{self.name}_grid.png", self.out / f"{self.name}.json"):
+            if path.exists() and not path.is_file():
+                raise ValueError(f"--name {self.name}: {path} exists and is not a file; remove it or choose "
+                                 "another --name")
+        folder = self.folder
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise ValueError(f"--name {self.name}: {folder} exists and is not a folder of samples; remove it or "
+                             "choose another --name")
+        if folder.is_dir() and any(not (f.is_file() and SAMPLE_FILE.fullmatch(f.name)) for f in folder.iterdir()):
+            raise ValueError(f"--name {self.name}: {folder} holds files other than samples (NNNN.png); remove it "
+                             "or choose another --name")
 
     @property
     def folder_in_progress(self) -> Path:
@@ -109,6 +131,7 @@ class SampleSet:
                 raise RuntimeError(f"{len(missing)} of {count} sample files were not written (first {missing[0]})")
             self.count = count
             images = _read_pngs([self._tmp / f"{i:04d}.png" for i in range(min(count, self.GRID_IMAGES))])
+        self._check_replaceable()
         save_png(grid(images, scale=self.scale), grid_path)
         old = self.out / f".{self.name}.{os.getpid()}.old"
         if self.folder.exists():

@@ -232,3 +232,29 @@ def test_graph_capture_failure_falls_back(schedule) -> None:
     assert engine.stats["capture_failures"] == 1 and engine.stats["eager_runs"] == 2
     assert sum("capture failed" in str(x.message) for x in w) == 1
     assert out.shape == (1, *SHAPE)
+
+
+def test_generate_streams_batches_for_any_n(tiny_model, schedule) -> None:
+    """on_batch makes memory independent of n: the batches are never listed up front (a million of them would hold
+    ~100 MB of Python objects before the first image)."""
+    import tracemalloc
+
+    class Enough(Exception):
+        pass
+
+    seen = []
+
+    def on_batch(start, images):
+        seen.append((start, len(images)))
+        if len(seen) == 2:
+            raise Enough
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(Enough):
+            engine.generate(tiny_model, schedule, SHAPE, 10**6, steps=1, batch_size=1, engine=False, on_batch=on_batch)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == [(0, 1), (1, 1)]
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB of Python objects for two batches"
