@@ -89,6 +89,12 @@ class _FusedStep:
         self._seeds = None if seeds is None else _as_seeds(seeds)
         self._run_seeds, self._on_device = None, None
 
+    def _drop_extra_timestep(self, num_steps: int | None) -> None:
+        """diffusers' trailing spacing yields an extra timestep -1 for some counts (61, 103, ...): drop it, as
+        NoiseSchedule.timesteps does, so the run has num_steps steps."""
+        if num_steps is not None and len(self.timesteps) > num_steps:
+            self.timesteps = self.timesteps[:num_steps]
+
     @property
     def seeds(self) -> torch.Tensor | None:
         """The seeds of the current run (CPU int64, one per image), once its first step has run."""
@@ -181,6 +187,7 @@ class FusedDDIMScheduler(_FusedStep, DDIMScheduler):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """diffusers' set_timesteps; also starts a new run (its seeds are drawn at the first step)."""
         super().set_timesteps(num_inference_steps, device)
+        self._drop_extra_timestep(num_inference_steps)
         self._run_seeds, self._on_device = None, None
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, eta: float = 0.0,
@@ -223,6 +230,7 @@ class FusedDDPMScheduler(_FusedStep, DDPMScheduler):
                       timesteps: list[int] | None = None) -> None:
         """diffusers' set_timesteps (custom timesteps included); also starts a new run."""
         super().set_timesteps(num_inference_steps, device, timesteps)
+        self._drop_extra_timestep(num_inference_steps)
         self._run_seeds, self._on_device = None, None
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
@@ -242,8 +250,10 @@ DPM_ALGORITHMS = {v: k for k, v in multistep.ALGORITHMS.items()}  # diffusers' a
 # config values the fused multistep step cannot reproduce, with the value it needs
 _DPM_UNSUPPORTED = {"thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
                     "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
-                    "rescale_betas_zero_snr": False, "use_dynamic_shifting": False, "variance_type": None,
-                    "lambda_min_clipped": -float("inf")}
+                    "rescale_betas_zero_snr": False, "use_dynamic_shifting": False, "lambda_min_clipped": -float("inf")}
+# variance types whose ε-prediction models output [ε, variance] channels; diffusers keeps model_output[:, :3]
+# (every other variance_type, e.g. DDPMScheduler's fixed_small / fixed_large, means None to it)
+LEARNED_VARIANCES = ("learned", "learned_range")
 
 
 def _dpm_options(config: Any, where: str) -> tuple[str, dict]:
@@ -304,10 +314,13 @@ class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
         if timesteps is not None or mu is not None:
             raise ValueError(f"{type(self).__name__}: custom timesteps / mu are not supported; pass num_inference_steps")
         super().set_timesteps(num_inference_steps, device)
-        self._plan = self.schedule.reverse_steps(self._sampler, int(num_inference_steps), **self.options)
+        n = int(num_inference_steps)
+        if len(self.timesteps) > n:  # diffusers' extra trailing timestep -1 (see _drop_extra_timestep)
+            self._drop_extra_timestep(n)
+            self.sigmas, self.num_inference_steps = torch.cat([self.sigmas[:n], self.sigmas[-1:]]), n
+        self._plan = self.schedule.reverse_steps(self._sampler, n, **self.options)
         # a run that starts mid-schedule (begin_index) takes a first-order step first, as diffusers
-        self._first_order = self.schedule.reverse_steps(self._sampler, int(num_inference_steps),
-                                                        **{**self.options, "solver_order": 1})
+        self._first_order = self.schedule.reverse_steps(self._sampler, n, **{**self.options, "solver_order": 1})
         if [s.t for s in self._plan] != self.timesteps.tolist():  # pragma: no cover - guarded by _dpm_options
             raise ValueError(f"{type(self).__name__}: timesteps differ from diffusers'")
         self._run_seeds, self._on_device = None, None
@@ -325,6 +338,8 @@ class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
             self._init_step_index(timestep)
         i = self.step_index
         coefs: MultistepCoefs = (self._first_order if self.lower_order_nums < 1 else self._plan)[i].coefs
+        if self.config.variance_type in LEARNED_VARIANCES and self.config.prediction_type == "epsilon":
+            model_output = model_output[:, :3]
         dtype = sample.dtype
         x = sample if dtype in ops.DTYPES else sample.float()
         m = model_output if model_output.dtype == x.dtype else model_output.to(x.dtype)

@@ -73,15 +73,21 @@ def check_options(o: dict) -> dict:
 def timesteps(T: int, num_steps: int, spacing: str = "linspace", steps_offset: int = 0) -> list[int]:
     """Inference timesteps, descending, as DPMSolverMultistepScheduler.set_timesteps (lambda_min_clipped = -inf)."""
     _choice("spacing", spacing, SPACINGS)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 0 < num_steps <= T:
-        raise ValueError(f"steps must be an integer in [1, {T}] (the model's num_train_timesteps); got {num_steps!r}")
+    # linspace/leading space num_steps + 1 points over [0, T - 1]: beyond T - 1 steps a timestep repeats (h = 0),
+    # which diffusers runs into NaN; trailing spaces num_steps points over [0, T - 1]
+    most = T if spacing == "trailing" else T - 1
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 0 < num_steps <= most:
+        raise ValueError(f"steps must be an integer in [1, {most}] for DPM-Solver++ with {spacing} spacing and "
+                         f"num_train_timesteps={T} (more would repeat a timestep); got {num_steps!r}")
     if spacing == "linspace":
         ts = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
     elif spacing == "leading":
         ratio = T // (num_steps + 1)
         ts = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
     else:
-        ts = np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
+        # diffusers' float step gives one extra ~0 point (timestep -1) for some counts (61, 103, ...), which it
+        # keeps and runs; the run has num_steps timesteps, all equal to diffusers' first num_steps
+        ts = np.arange(T, 0, -T / num_steps).round().astype(np.int64)[:num_steps] - 1
     out = [int(t) for t in ts]
     if max(out) >= T or min(out) < 0:
         raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {T - 1}]")
@@ -107,7 +113,7 @@ def _update(sampler: str, o: dict, t: tuple, s0: tuple, s1: tuple | None) -> tup
         sigma = sigma_t * math.sqrt(1.0 - em * em)
     else:
         k_x, c, sigma = sigma_t / sigma_s0, -(alpha_t * (em - 1.0)), 0.0
-    if s1 is None:
+    if s1 is None or h == 0.0:  # h = 0 (trailing's last timestep 0 to sigma_min): the identity, as diffusers' midpoint
         return c, 0.0, k_x, sigma
     r0 = (lam_s0 - s1[2]) / h
     # D0 = x0, D1 = (x0 - x0_prev) / r0; out = k_x*x + c*D0 + w*D1 (+ noise)

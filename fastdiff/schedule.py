@@ -184,7 +184,9 @@ class NoiseSchedule:
         if spacing == "leading":
             ts = (np.arange(num_steps) * (T // num_steps)).round()[::-1] + steps_offset
         elif spacing == "trailing":
-            ts = np.round(np.arange(T, 0, -T / num_steps)) - 1
+            # diffusers' float step gives one extra ~0 point (timestep -1) for some counts (61, 103, ...), which it
+            # keeps and runs; the run has num_steps timesteps, all equal to diffusers' first num_steps
+            ts = np.round(np.arange(T, 0, -T / num_steps))[:num_steps] - 1
         else:
             ts = np.linspace(0, T - 1, num_steps).round()[::-1]
         ts = [int(t) for t in ts]

@@ -205,6 +205,20 @@ def test_step_errors():
         ddpm.step(x, 3, x)
 
 
+@pytest.mark.parametrize("ours,theirs", [(FusedDDIMScheduler, DDIMScheduler), (FusedDDPMScheduler, DDPMScheduler)])
+def test_trailing_runs_the_steps_asked_for(ours, theirs):
+    """diffusers' trailing spacing adds a timestep -1 at 61 steps (of 1000); the fused schedulers drop it."""
+    ref, sched = theirs(timestep_spacing="trailing"), ours(timestep_spacing="trailing")
+    ref.set_timesteps(61)
+    sched.set_timesteps(61)
+    assert sched.timesteps.tolist() == ref.timesteps.tolist()[:61] and min(sched.timesteps.tolist()) == 15
+    sched.set_seeds(0)
+    x = torch.randn(1, 1, 4, 4)
+    for t in sched.timesteps:
+        x = sched.step(torch.randn_like(x), t, x).prev_sample
+    assert torch.isfinite(x).all()
+
+
 # --- real pipelines ----------------------------------------------------------------------------------------------
 def test_ddim_pipeline_matches_diffusers(monkeypatch):
     pipe = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler())

@@ -42,7 +42,8 @@ def _apply64(c: MultistepCoefs, x, m, xp, z):
 @pytest.mark.parametrize("steps,final,solver,spacing,order,lof", [
     (20, "zero", "midpoint", "linspace", 2, True), (10, "sigma_min", "heun", "trailing", 2, True),
     (15, "sigma_min", "midpoint", "leading", 2, False), (5, "zero", "midpoint", "linspace", 1, True),
-    (8, "sigma_min", "midpoint", "linspace", 2, False)])
+    (8, "sigma_min", "midpoint", "linspace", 2, False),
+    (700, "sigma_min", "midpoint", "trailing", 2, True)])  # last step from timestep 0 to sigma_min: h = 0
 def test_steps_match_diffusers(sampler, prediction, steps, final, solver, spacing, order, lof):
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DPMSolverMultistepScheduler(
@@ -66,6 +67,41 @@ def test_steps_match_diffusers(sampler, prediction, steps, final, solver, spacin
         torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
         x, xp = want, x0
     assert (plan[0].coefs.k_prev == 0.0) and (order == 1) == all(s.coefs.k_prev == 0 for s in plan)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' set_timesteps under NumPy 2
+@pytest.mark.parametrize("T", [1000, 333])
+@pytest.mark.parametrize("spacing", multistep.SPACINGS)
+def test_timesteps_for_every_step_count(T, spacing):
+    """diffusers' timesteps for every count it spaces without repeating one (its trailing extra -1 dropped); a count
+    where it repeats one (its run turns NaN) is refused, naming steps and the largest valid count."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    most = T if spacing == "trailing" else T - 1
+    for steps in range(1, T + 1):
+        sched.set_timesteps(steps)
+        theirs = sched.timesteps.tolist()
+        assert theirs[steps:] in ([], [-1])
+        if len(set(theirs)) < len(theirs):
+            assert steps == most + 1
+            with pytest.raises(ValueError, match=rf"^steps must be an integer in \[1, {most}\] [^\n]*got {steps}$"):
+                multistep.timesteps(T, steps, spacing)
+        else:
+            ours = multistep.timesteps(T, steps, spacing)
+            assert ours == theirs[:steps] and min(ours) >= 0
+
+
+def test_too_many_steps_are_one_line_errors(tiny_model, tmp_path, capsys):
+    from fastdiff.cli import main
+
+    for sampler in multistep.SAMPLERS:
+        with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 999\]"):
+            generate(tiny_model, NoiseSchedule(), SHAPE, 1, sampler=sampler, steps=1000, engine=False)
+        assert len(NoiseSchedule().reverse_steps(sampler, 1000, spacing="trailing")) == 1000
+    assert main(["sample", "--sampler", "dpmpp-2m", "--steps", "1000", "--n", "1", "--out", str(tmp_path),
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "steps must be an integer in [1, 999]" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_options_are_checked():
@@ -304,6 +340,65 @@ def test_drop_in_refuses_what_it_cannot_fuse():
     sched = FusedDPMSolverMultistepScheduler.from_config(diffusers.DPMSolverMultistepScheduler().config)
     with pytest.raises(ValueError, match="timesteps"):
         sched.set_timesteps(timesteps=[999, 500, 0])
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large", None])
+def test_drop_in_takes_an_exported_ddpm_pipeline(tiny_model, tmp_path, variance):
+    """docs/dpmpp.md's swap on a DDPMPipeline as `fastdiff export --format diffusers` writes it: diffusers'
+    DPMSolverMultistepScheduler takes that DDPMScheduler config (variance_type matters to it only when learned),
+    and so does the fused one, with the same timesteps and images."""
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.diffusers import FusedDPMSolverMultistepScheduler
+    from fastdiff.interop.diffusers import save_diffusers
+
+    folder = save_diffusers(tiny_model, NoiseSchedule(), tmp_path / "pipe")
+    pipe = diffusers.DDPMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    config = {**pipe.scheduler.config, "variance_type": variance}
+    assert pipe.scheduler.config.variance_type == "fixed_small"
+    theirs = diffusers.DPMSolverMultistepScheduler.from_config(config)
+    pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(config)
+    for sched in (theirs, pipe.scheduler):
+        sched.set_timesteps(8)
+    assert pipe.scheduler.timesteps.tolist() == theirs.timesteps.tolist()
+    got = images(pipe, batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(3))
+    pipe.scheduler = theirs
+    want = images(pipe, batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("variance", ["learned", "learned_range"])
+def test_drop_in_learned_variance_uses_the_epsilon_channels(variance):
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.diffusers import FusedDPMSolverMultistepScheduler
+
+    theirs = diffusers.DPMSolverMultistepScheduler(variance_type=variance)
+    ours = FusedDPMSolverMultistepScheduler.from_config(theirs.config)
+    g = torch.Generator().manual_seed(0)
+    x = want = torch.randn(2, 3, 4, 4, generator=g)
+    for sched in (theirs, ours):
+        sched.set_timesteps(5)
+    for t in theirs.timesteps:
+        m = torch.randn(2, 6, 4, 4, generator=g)  # [ε, variance]
+        x, want = ours.step(m, t, x).prev_sample, theirs.step(m, t, want).prev_sample
+        torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
+
+
+def test_drop_in_trailing_runs_the_steps_asked_for():
+    """diffusers' trailing spacing adds a timestep -1 at 61 steps (of 1000); the fused scheduler drops it."""
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.diffusers import FusedDPMSolverMultistepScheduler
+
+    theirs = diffusers.DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    ours = FusedDPMSolverMultistepScheduler.from_config(theirs.config)
+    for sched in (theirs, ours):
+        sched.set_timesteps(61)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()[:61] and ours.num_inference_steps == 61
+    assert torch.equal(ours.sigmas, torch.cat([theirs.sigmas[:61], theirs.sigmas[-1:]]))
+    x = torch.randn(1, 1, 4, 4)
+    for t in ours.timesteps:
+        x = ours.step(torch.randn_like(x), t, x).prev_sample
+    assert torch.isfinite(x).all()
 
 
 def test_stable_diffusion_pipeline(tmp_path):

@@ -80,6 +80,28 @@ def test_timesteps_match_diffusers(spacing, steps):
         assert ours == sched.timesteps.tolist()
 
 
+@pytest.mark.parametrize("T", [1000, 333])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_timesteps_match_diffusers_for_every_step_count(T, spacing):
+    """Every count 1..T gives diffusers' timesteps; where diffusers' trailing spacing adds a timestep -1 (its float
+    arange has one point too many for 62 counts of T = 1000: 61, 103, ...), its first `steps` ones."""
+    ours_schedule = NoiseSchedule(num_train_timesteps=T)
+    for cls in (diffusers.DDIMScheduler, diffusers.DDPMScheduler):
+        sched = cls(num_train_timesteps=T, timestep_spacing=spacing)
+        for steps in range(1, T + 1):
+            sched.set_timesteps(steps)
+            theirs = sched.timesteps.tolist()
+            assert theirs[steps:] in ([], [-1])
+            ours = ours_schedule.timesteps(steps, spacing)
+            assert ours == theirs[:steps] and len(set(ours)) == steps and min(ours) >= 0
+
+
+def test_trailing_plans_have_the_steps_asked_for():
+    for sampler in ("ddim", "ddpm"):
+        plan = NoiseSchedule().reverse_steps(sampler, 61, spacing="trailing")
+        assert len(plan) == 61 and plan[-1].t == 15
+
+
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 
 
