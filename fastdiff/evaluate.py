@@ -26,18 +26,42 @@ def table_rows(a: argparse.Namespace, timesteps: int) -> list[dict]:
     return rows + [{"name": f"ddpm-{s}", "source": "torch", "sampler": "ddpm", "steps": s, "eta": None} for s in ddpm]
 
 
-def open_onnx(path: Path, flag: str):
-    """An OnnxSampler for path, with a clear error if it is missing or unreadable."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
+def ddim_options(eta: float, unclipped_eps: bool) -> dict:
+    return {"eta": eta} | ({"use_clipped_model_output": False} if unclipped_eps else {})
+
+
+def check_rows(rows: list[dict], schedule, n: int, seed: int, unclipped_eps: bool) -> None:
+    """Refuse any row its sampler would refuse (e.g. an eta too large for its steps) before the first is sampled."""
+    from .request import MAX_SEED, SampleRequest, check_int
+
+    check_int("--seed", seed, 0, MAX_SEED - (n - 1))
+    for row in rows:
+        ddim = row["sampler"] == "ddim"
+        try:
+            SampleRequest.checked(schedule, 0, n, sampler=row["sampler"], steps=row["steps"], seed=seed,
+                                  **(ddim_options(row["eta"], unclipped_eps) if ddim else {}))
+        except ValueError as e:
+            flag = f"--etas {row['eta']:g} with --steps {row['steps']}" if ddim else f"--ddpm-steps {row['steps']}"
+            raise ValueError(f"{flag}: {e}" + ("; etas in [0, 1] always work" if ddim else "")) from None
+
+
+def open_onnx(path: Path, flag: str, precision: str):
+    """An OnnxSampler for path, with a clear error if it is missing, unreadable or not of `precision` (its
+    fastdiff.precision metadata)."""
     try:
-        from .export.runtime import OnnxSampler
+        from .export.runtime import OnnxSampler, check_model_file
     except ImportError as e:
         raise RuntimeError(f"{flag} needs fastdiff.export.runtime and onnxruntime ({e})") from None
+    check_model_file(path, flag)
     try:
-        return OnnxSampler(path)
+        runner = OnnxSampler(path)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValueError(f"{flag} {path}: not a readable fastdiff ONNX model ({type(e).__name__}: {e})") from None
+    if runner.precision != precision:
+        raise ValueError(f"{flag} {path}: an {runner.precision} model (its fastdiff.precision metadata); expected "
+                         f"an {precision} one" + (" (--onnx and --onnx-int8 swapped?)" if {runner.precision, precision}
+                                                  == {"fp32", "int8"} else ""))
+    return runner
 
 
 def evaluate_all(a: argparse.Namespace) -> None:
@@ -49,7 +73,7 @@ def evaluate_all(a: argparse.Namespace) -> None:
     from .checkpoint import BUNDLED_MODEL as BUNDLED
     from .checkpoint import load_model
     from .engine import Engine, generate
-    from .files import write_json
+    from .files import ensure_writable, write_json
     from .images import grid, save_png
     from .machine import machine_info, pick_device
 
@@ -58,6 +82,10 @@ def evaluate_all(a: argparse.Namespace) -> None:
         raise ValueError(f"--n must be >= 2 (FID needs a covariance); got {n}")
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {a.batch_size}")
+    if a.nll_timesteps < 1:
+        raise ValueError(f"--nll-timesteps must be >= 1 (T - 1 or more: every timestep); got {a.nll_timesteps}")
+    if a.out.exists() and not a.out.is_dir():
+        raise ValueError(f"--out {a.out}: exists and is not a folder")
     ckpt = a.ckpt or BUNDLED
     if getattr(a, "diffusers", None) is not None:  # an unconditional UNet2DModel folder (interop.diffusers)
         from types import SimpleNamespace
@@ -74,17 +102,19 @@ def evaluate_all(a: argparse.Namespace) -> None:
         model, schedule, _ = load_model(ckpt)
         cfg = model.config
         shape = cfg.image_shape
-    device = distributed.init(pick_device(a.device))  # under torchrun: every rank samples its share of each row
-    if not distributed.is_main():
-        a.quiet = True  # one set of progress bars
-    model = model.to(device)
     rows = table_rows(a, schedule.num_train_timesteps)
-    onnx = {kind: open_onnx(path, flag) for kind, path, flag in
+    check_rows(rows, schedule, n, a.seed, a.unclipped_eps)
+    onnx = {kind: open_onnx(path, flag, kind.split("-")[1]) for kind, path, flag in
             (("onnx-fp32", a.onnx, "--onnx"), ("onnx-int8", a.onnx_int8, "--onnx-int8")) if path is not None}
     rows += [{"name": f"{kind}-ddim-{ONNX_STEPS}", "source": kind, "sampler": "ddim", "steps": ONNX_STEPS,
               "eta": ONNX_ETA} for kind in onnx]
     if not rows:
         raise ValueError("nothing to evaluate: --steps/--etas and --ddpm-steps select no rows")
+    ensure_writable(a.out)
+    device = distributed.init(pick_device(a.device))  # under torchrun: every rank samples its share of each row
+    if not distributed.is_main():
+        a.quiet = True  # one set of progress bars
+    model = model.to(device)
 
     classes = torch.arange(n) % cfg.num_classes if cfg.num_classes else None  # balanced classes if conditional
     floor = metrics.real_floor(n)
@@ -102,19 +132,16 @@ def evaluate_all(a: argparse.Namespace) -> None:
             classes=None if classes is None else classes[lo:hi], batch_size=a.batch_size, device=device, **kw),
             count, a.batch_size)
 
-    def ddim_options(eta: float) -> dict:
-        return {"eta": eta} | ({"use_clipped_model_output": False} if a.unclipped_eps else {})
-
     paired: dict[str, torch.Tensor] = {}
 
     def reference_images() -> torch.Tensor:
         """PyTorch fp32 DDIM-ONNX_STEPS η = ONNX_ETA with the same seeds: what every approximate path is paired with."""
         if "ref" not in paired:
-            paired["ref"] = sample(n, sampler="ddim", steps=ONNX_STEPS, runtime="torch", **ddim_options(ONNX_ETA))
+            paired["ref"] = sample(n, sampler="ddim", steps=ONNX_STEPS, runtime="torch",
+                                   **ddim_options(ONNX_ETA, a.unclipped_eps))
         return paired["ref"]
 
     sample(min(n, a.batch_size * distributed.world_size()), sampler="ddim", steps=1)  # warm-up, so that the first row's seconds are fair
-    a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "grids").mkdir(exist_ok=True)
     bar = tqdm(rows, desc="eval", unit="row", disable=a.quiet, dynamic_ncols=True)
     for row in bar:
@@ -122,11 +149,12 @@ def evaluate_all(a: argparse.Namespace) -> None:
         start = time.perf_counter()
         if row["source"] == "torch":
             images = sample(n, sampler=row["sampler"], steps=row["steps"], progress=not a.quiet,
-                            **(ddim_options(row["eta"]) if row["sampler"] == "ddim" else {}))
+                            **(ddim_options(row["eta"], a.unclipped_eps) if row["sampler"] == "ddim" else {}))
         else:
             images = distributed.gather_shards(lambda lo, hi: torch.from_numpy(onnx[row["source"]].sample(
                 hi - lo, sampler="ddim", steps=ONNX_STEPS, seed=a.seed + lo, progress=not a.quiet,
-                classes=None if classes is None else classes[lo:hi].numpy(), **ddim_options(ONNX_ETA))), n, a.batch_size)
+                classes=None if classes is None else classes[lo:hi].numpy(),
+                **ddim_options(ONNX_ETA, a.unclipped_eps))), n, a.batch_size)
         seconds = time.perf_counter() - start
         if row["source"] != "torch":
             reference_images()  # sampled by every rank (a collective under torchrun), then cached

@@ -36,6 +36,17 @@ from .onnx_format import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_F
 from .schedule import NoiseSchedule
 
 MIN_OPSET = 17
+FALLBACK_MAX_OPSET = 20  # the TorchScript exporter's ceiling in torch 2.x, where torch does not say
+
+
+def max_opset() -> int:
+    """The highest opset the installed torch's ONNX exporter writes."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return FALLBACK_MAX_OPSET
 KEY_GRAPH = "fastdiff.graph"  # "engine-body" on the engine's internal files (export_engine_body)
 TWO_GB = 2**31
 
@@ -160,8 +171,9 @@ def export_model(model: torch.nn.Module, schedule: NoiseSchedule, out: Path | st
                  fp16: bool = False, exporter: str = "torchscript") -> Path:
     """Write model (any UNet, or a module `describe` accepts, e.g. a loaded diffusers UNet2DModel) to out as a
     single checked ONNX file with fastdiff metadata."""
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset must be an integer >= {MIN_OPSET}; got {opset!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
+        raise ValueError(f"opset must be an integer in [{MIN_OPSET}, {max_opset()}] (the range torch {torch.__version__} "
+                         f"exports); got {opset!r}")
     if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo'; got {exporter!r}")
     out = Path(out)

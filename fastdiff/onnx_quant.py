@@ -75,12 +75,12 @@ def batches(feed: dict[str, np.ndarray], batch: int = 32) -> list[dict[str, np.n
 
 def quantize_int8(src: Path | str, out: Path | str, calibration: Iterable[dict[str, np.ndarray]] | None, *,
                   method: str = "minmax", activations: str = "auto", dynamic: bool = False,
-                  info: dict | None = None) -> dict:
+                  info: dict | None = None, progress: bool = False) -> dict:
     """Quantize the fp32 fastdiff ONNX file src to out (atomically), keeping src's metadata; returns the
     recipe (also stored under the fastdiff.quantization metadata key, with `info` added).
 
     calibration: batches of model inputs {x, t[, y]} (static); None with dynamic=True (weights only,
-    activation ranges at run time)."""
+    activation ranges at run time). progress: a tqdm bar over the calibration batches (on stderr)."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
@@ -107,7 +107,11 @@ def quantize_int8(src: Path | str, out: Path | str, calibration: Iterable[dict[s
             quantize_dynamic(str(pre), str(qpath), per_channel=True, weight_type=QuantType.QInt8,
                              op_types_to_quantize=list(OP_TYPES))
         else:
-            quantize_static(str(pre), str(qpath), Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+            from tqdm import tqdm
+
+            feeds = tqdm(calibration, desc="calibration", unit="batch", disable=not progress, dynamic_ncols=True,
+                         total=len(calibration) if hasattr(calibration, "__len__") else None)
+            quantize_static(str(pre), str(qpath), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                             op_types_to_quantize=list(OP_TYPES), weight_type=QuantType.QInt8,
                             activation_type=QuantType.QInt8 if name == "s8" else QuantType.QUInt8,
                             reduce_range=name == "u8r",

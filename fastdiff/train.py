@@ -25,6 +25,10 @@ from .data import ImageData
 from .nn.unet import UNet, UNetConfig
 from .schedule import NoiseSchedule
 
+# The global batch: far above real diffusion training (DDPM: 128; ADM: 256-2048), yet small enough to refuse a typo
+# before allocating it (65536 3x32x32 float32 images are 0.8 GB before any activation).
+MAX_BATCH_SIZE = 65536
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -42,17 +46,23 @@ class TrainConfig:
     ckpt_every: int = 500
 
     def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": math.isfinite(self.lr) and self.lr > 0,
-            "warmup": self.warmup >= 0, "grad_clip": math.isfinite(self.grad_clip) and self.grad_clip >= 0,
-            "ckpt_every": self.ckpt_every >= 1, "weight_decay": math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-            "ema_decay": 0 <= self.ema_decay < 1, "label_dropout": 0 <= self.label_dropout < 1,
-            "seed": 0 <= self.seed < 2**63,
-            "amp": self.amp in ("auto", "off", "bf16", "fp16"),
+        checks = {  # option: (valid, what is expected)
+            "steps": (self.steps >= 1, "an integer >= 1"),
+            "batch_size": (1 <= self.batch_size <= MAX_BATCH_SIZE, f"an integer in [1, {MAX_BATCH_SIZE}]"),
+            "lr": (math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            "warmup": (self.warmup >= 0, "an integer >= 0"),
+            "grad_clip": (math.isfinite(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: off)"),
+            "ckpt_every": (self.ckpt_every >= 1, "an integer >= 1"),
+            "weight_decay": (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            "ema_decay": (0 <= self.ema_decay < 1, "a number in [0, 1)"),
+            "label_dropout": (0 <= self.label_dropout < 1, "a number in [0, 1)"),
+            "seed": (0 <= self.seed < 2**63, "an integer in [0, 2**63)"),
+            "amp": (self.amp in ("auto", "off", "bf16", "fp16"), "auto, off, bf16 or fp16"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [f"--{k.replace('_', '-')} {getattr(self, k)!r}: expected {what}" for k, (ok, what) in checks.items()
+               if not ok]
         if bad:
-            raise ValueError(f"invalid training option(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            raise ValueError("; ".join(bad))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -299,4 +299,4 @@ def test_cli_quantize_errors(exported, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     _, path = exported["uncond"]
     assert main(["quantize", "--onnx", str(path), "--out", str(tmp_path / "q.onnx"), "--calib-size", "0"]) == 2
-    assert "calib_size" in capsys.readouterr().err
+    assert "--calib-size" in capsys.readouterr().err

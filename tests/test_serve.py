@@ -85,6 +85,14 @@ def _generate(client, **body) -> dict:
 
 
 # --- the API ------------------------------------------------------------------------------------------------
+def test_advertised_ddim_defaults_are_what_jobs_run_with(models, tmp_path):
+    with _client(models, tmp_path) as c:
+        advertised = c.get("/api/models").json()["samplers"]["ddim"]
+        job = _generate(c, model="uncond", steps=2, n=1, seed=0)  # no options: the defaults
+        assert _wait(c, job["id"])["status"] == "done"
+    assert advertised["use_clipped_model_output"] is job["params"]["use_clipped_model_output"] is True
+
+
 def test_generate_writes_a_reproducible_run(models, runs, tmp_path):
     with _client(models, tmp_path) as c:
         assert c.get("/healthz").json()["ok"]

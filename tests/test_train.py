@@ -83,7 +83,7 @@ def test_config_not_matching_weights(tmp_path):
 
 @pytest.mark.parametrize("kwargs", [dict(steps=0), dict(lr=-1.0), dict(amp="fp8"), dict(ema_decay=1.0)])
 def test_bad_train_options(kwargs):
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
+    with pytest.raises(ValueError, match="--" + next(iter(kwargs)).replace("_", "-")):
         TrainConfig(**kwargs)
 
 

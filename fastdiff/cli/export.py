@@ -24,13 +24,19 @@ def add(sub) -> None:
                         "safetensors), written atomically")
     p.add_argument("--out", type=Path, required=True, help="ONNX file to write (e.g. model.onnx), or the folder "
                    "for --format diffusers")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: 17)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 to the highest the installed torch exports "
+                   "(default: 17)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and activations with float32 inputs/outputs "
                    "(for GPUs)")
     p.set_defaults(run=run)
 
 
 def run(a: argparse.Namespace) -> None:
+    from ..onnx_export import MIN_OPSET, max_opset
+
+    if not MIN_OPSET <= a.opset <= max_opset():
+        raise ValueError(f"--opset must be in [{MIN_OPSET}, {max_opset()}] (the opsets the installed torch exports); "
+                         f"got {a.opset}")
     if a.format == "diffusers":
         return _to_diffusers(a)
     from ..export.onnx import export_model, export_onnx

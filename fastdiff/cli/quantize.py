@@ -4,6 +4,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_quiet
+
+# Upper bounds far above any real use, so a typo fails in a second rather than after minutes or gigabytes:
+# calibration inputs are built in memory (65536 x 3x32x32 float32 is 0.8 GB per copy; Q-Diffusion calibrates
+# with 5120), and the paired measure holds both image sets in memory.
+MAX_CALIB_SIZE = 65536
+MAX_PAIRED_N = 10000
+MAX_REPEATS = 10000
+MAX_SEED = 2**63 - 1
+
 
 def add(sub) -> None:
     q = sub.add_parser("quantize", help="INT8-quantize an exported ONNX model and write a report",
@@ -11,23 +21,40 @@ def add(sub) -> None:
                                    "dynamic INT8; writes <out>.report.json and <out>.report.md.")
     q.add_argument("--onnx", type=Path, required=True, help="fp32 ONNX model from `fastdiff export`")
     q.add_argument("--out", type=Path, required=True, help="INT8 ONNX file to write (e.g. model.int8.onnx)")
-    q.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
-                   help="activation calibration method (default: minmax)")
+    q.add_argument("--method", choices=["minmax", "entropy", "percentile"],
+                   help="activation calibration method (default: minmax; not with --dynamic)")
     q.add_argument("--dynamic", action="store_true", help="dynamic quantization (weights only; no calibration)")
-    q.add_argument("--calib-size", type=int, default=256, help="calibration samples x_t (default: 256)")
+    q.add_argument("--calib-size", type=int, default=256,
+                   help=f"calibration samples x_t, 1 to {MAX_CALIB_SIZE} (default: 256)")
     q.add_argument("--data", default="digits", help="calibration images: 'digits', a folder of images or a .npz "
                    "(default: digits)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration / evaluation draws (default: 0)")
     q.add_argument("--repeats", type=int, default=20, help="timed runs per latency figure (default: 20)")
     q.add_argument("--paired-n", type=int, default=64, help="images of the paired quality measure: the same seeds' "
                    "DDIM-50 η=0 images of int8 vs fp32, PSNR and max abs diff (default: 64; 0: skip)")
+    add_quiet(q)
     q.set_defaults(run=run)
+
+
+def _check_range(flag: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{flag} must be an integer in [{low}, {high}]; got {value}")
 
 
 def run(a: argparse.Namespace) -> None:
     from ..export.quantize import quantize
+    from ..export.runtime import check_model_file
+    from ..files import ensure_writable
 
-    if not a.onnx.is_file():
-        raise FileNotFoundError(f"--onnx {a.onnx}: no such file")
-    quantize(a.onnx, a.out, method=a.method, dynamic=a.dynamic, calib_size=a.calib_size, data=a.data, seed=a.seed,
-             repeats=a.repeats, paired_n=a.paired_n)
+    check_model_file(a.onnx, "--onnx")
+    if a.dynamic and a.method is not None:
+        raise ValueError(f"--method {a.method} calibrates activations; --dynamic has no calibration (drop one)")
+    _check_range("--calib-size", a.calib_size, 1, MAX_CALIB_SIZE)
+    _check_range("--seed", a.seed, 0, MAX_SEED)
+    _check_range("--repeats", a.repeats, 1, MAX_REPEATS)
+    _check_range("--paired-n", a.paired_n, 0, MAX_PAIRED_N)
+    if a.out.is_dir():
+        raise ValueError(f"--out {a.out}: is a folder; expected the INT8 ONNX file to write (e.g. model.int8.onnx)")
+    ensure_writable(a.out.parent, "--out's folder")  # now, not after the calibration
+    quantize(a.onnx, a.out, method=a.method or "minmax", dynamic=a.dynamic, calib_size=a.calib_size, data=a.data,
+             seed=a.seed, repeats=a.repeats, paired_n=a.paired_n, progress=not a.quiet)

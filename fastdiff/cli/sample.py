@@ -62,9 +62,12 @@ def run(a: argparse.Namespace) -> None:
     if a.onnx and (a.runtime != "auto" or a.int8):
         raise ValueError("--runtime and --int8 choose how a checkpoint runs; --onnx runs that file with onnxruntime")
     if a.onnx:
-        from ..export.runtime import OnnxSampler
+        from ..export.runtime import OnnxSampler, check_model_file, providers_for
 
-        runner = OnnxSampler(a.onnx)
+        runner = OnnxSampler(check_model_file(a.onnx, "--onnx"), providers=providers_for(a.device))
+        if a.device.startswith("cuda") and runner.provider != "CUDAExecutionProvider":
+            raise ValueError(f"--device {a.device}: onnxruntime could not start its CUDA provider for --onnx "
+                             f"(it fell back to {runner.provider}); use --device cpu or auto")
         steps = a.steps if a.steps is not None else default_steps(a.sampler, runner.num_train_timesteps)
         source, backend, device = str(a.onnx), f"onnxruntime ({runner.provider})", "onnxruntime"
         num_classes = runner.num_classes

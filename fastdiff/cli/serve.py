@@ -38,7 +38,7 @@ def add(sub) -> None:
 def run(a: argparse.Namespace) -> None:
     try:
         from ..serve import Limits, create_app, load_models
-        from ..serve.server import LOOPBACK_NAMES, check_bind, is_loopback, serve
+        from ..serve.server import LOOPBACK_NAMES, bind, check_bind, is_loopback, serve
     except ImportError as e:
         raise ValueError(f"serve needs the serve extra (pip install 'fastdiff[serve]'): {e}") from None
     from ..machine import pick_device
@@ -46,14 +46,21 @@ def run(a: argparse.Namespace) -> None:
     warning = check_bind(a.host, a.token)
     if not 1 <= a.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535]; got {a.port}")
+    if a.threads is not None and a.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {a.threads}")
     limits = Limits(a.max_n, a.max_steps, a.max_queue, a.max_batch, a.batch_window_ms)
-    models = load_models(a.ckpt, a.onnx, a.diffusers, device=pick_device(a.device),
-                         num_threads=a.threads)
-    hosts = (*LOOPBACK_NAMES, a.host.lower()) if is_loopback(a.host) and not a.token else None
-    app = create_app(models, a.out, limits, token=a.token, allowed_hosts=hosts)
+    device = pick_device(a.device)
+    sock = bind(a.host, a.port)  # before the models load, the folder is made or success is printed
+    try:
+        models = load_models(a.ckpt, a.onnx, a.diffusers, device=device, num_threads=a.threads)
+        hosts = (*LOOPBACK_NAMES, a.host.lower()) if is_loopback(a.host) and not a.token else None
+        app = create_app(models, a.out, limits, token=a.token, allowed_hosts=hosts)
+    except BaseException:
+        sock.close()
+        raise
     if warning:
         print(warning)
     shown = f"[{a.host}]" if ":" in a.host else a.host
     print(f"fastdiff serve: http://{shown}:{a.port}/{'?token=<token>' if a.token else ''}  models: "
           f"{', '.join(models)}; runs saved under {a.out}/ (Ctrl-C to stop)", flush=True)
-    serve(app, a.host, a.port)
+    serve(app, a.host, a.port, sock=sock)

@@ -97,9 +97,11 @@ def paired_quality(fp32: Path | str, int8: Path | str, n: int = 64, *, steps: in
 
 def quantize(onnx_path: Path | str, out: Path | str, *, method: str = "minmax", dynamic: bool = False,
              calib_size: int = 256, data: str = "digits", seed: int = 0, bands: int = 4, eval_per_band: int = 64,
-             repeats: int = 20, paired_n: int = 16, activations: str = "auto", verbose: bool = True) -> dict:
+             repeats: int = 20, paired_n: int = 16, activations: str = "auto", verbose: bool = True,
+             progress: bool = False) -> dict:
     """Quantize onnx_path to out (INT8) and write <out>.report.json / .md; returns the report.
-    paired_n: images of the paired quality measure (0: skip it); activations: fastdiff.onnx_quant.recipe_name."""
+    paired_n: images of the paired quality measure (0: skip it); activations: fastdiff.onnx_quant.recipe_name;
+    progress: a progress bar over the calibration."""
     onnx_path, out = Path(onnx_path), Path(out)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -128,7 +130,8 @@ def quantize(onnx_path: Path | str, out: Path | str, *, method: str = "minmax", 
         feed, _, _ = noisy_inputs(images, labels, calib_idx, t, ac, classes, rng)
         feeds = batches(feed, 32)
     info = quantize_int8(onnx_path, out, feeds, method=method, dynamic=dynamic, activations=activations,
-                         info={"calib_size": 0 if dynamic else calib_size, "data": data, "seed": seed})
+                         info={"calib_size": 0 if dynamic else calib_size, "data": data, "seed": seed},
+                         progress=progress)
     int8 = OnnxSampler(out, providers=["CPUExecutionProvider"])
 
     report = {"fp32": str(onnx_path), "int8": str(out), **info, "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(),

@@ -45,6 +45,31 @@ def default_providers() -> list[str]:
         else ["CPUExecutionProvider"]
 
 
+def check_model_file(path: Path | str, flag: str = "model") -> Path:
+    """path, if it is an existing regular file; FileNotFoundError / ValueError naming `flag` otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: not a regular file; expected an ONNX model file from `fastdiff export`")
+    return path
+
+
+def providers_for(device: str) -> list:
+    """ONNX Runtime providers for a --device value: auto (CUDA when this onnxruntime has it), cpu or cuda[:i]."""
+    if device == "auto":
+        return default_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise ValueError(f"--device must be auto, cpu or cuda[:i]; got {device!r}")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ValueError(f"--device {device}: this onnxruntime ({ort.__version__}) has no CUDA provider, and --onnx "
+                         "runs on onnxruntime (install onnxruntime-gpu, or use --device cpu or auto)")
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+
+
 def _progress(i: int, total: int, label: str) -> None:
     sys.stderr.write(f"\r{label} {i}/{total}" + ("\n" if i == total else ""))
     sys.stderr.flush()
@@ -56,8 +81,7 @@ class OnnxSampler:
     def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None):
         """threads: ORT intra-op threads (None: onnxruntime's default, one per physical core)."""
         self.path = path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no ONNX model at {path}")
+        check_model_file(path, "ONNX model")
         if providers is None:
             providers = default_providers()
         else:

@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from ..request import MAX_SEED, SampleRequest
+from ..request import MAX_SEED, SampleRequest, fastdiff_options
 from ..multistep import FINAL_SIGMAS_TYPES
 from ..schedule import SAMPLER_OPTIONS, SAMPLERS, SPACINGS, VARIANCE_TYPES
 from .batcher import FINISHED, Batcher, Job, QueueFull, Stopped
@@ -192,7 +192,8 @@ def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limit
     @app.get("/api/models", summary="The models this server was started with, and its limits")
     def list_models() -> dict:
         return {"models": [m.describe() for m in models.values()], "default": next(iter(models)),
-                "samplers": {k: dict(v) for k, v in SAMPLER_OPTIONS.items()}, "limits": limits.__dict__}
+                "samplers": {k: {**v, **fastdiff_options(k, {})} for k, v in SAMPLER_OPTIONS.items()},  # what runs
+                "limits": limits.__dict__}
 
     @app.post("/api/generate", status_code=202, summary="Queue a sampling job; returns its id")
     def generate(body: GenerateRequest):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import socket
 import threading
@@ -32,11 +33,42 @@ def check_bind(host: str, token: str | None) -> str | None:
             "(plain HTTP: use it on trusted networks only, or behind a TLS proxy)")
 
 
-def serve(app, host: str = "127.0.0.1", port: int = 7860, log_level: str = "warning") -> None:
-    """Serve until Ctrl-C (uvicorn; the app's lifespan stops the worker and cancels unfinished jobs)."""
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for `serve`, so that a port in use is refused before anything else is done."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                            flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: rebinding over TIME_WAIT is fine
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"--port {port}: address already in use") from None
+        raise ValueError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
+    return sock
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 7860, log_level: str = "warning",
+          sock: socket.socket | None = None) -> None:
+    """Serve until Ctrl-C (uvicorn; the app's lifespan stops the worker and cancels unfinished jobs); on `sock`
+    (from `bind`) when given."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+    if sock is None:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+        return
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is the way to stop
+        pass
+    finally:
+        sock.close()
 
 
 @contextlib.contextmanager
