@@ -37,6 +37,8 @@ from .schedule import NoiseSchedule
 
 MIN_OPSET = 17
 FALLBACK_MAX_OPSET = 20  # the TorchScript exporter's ceiling in torch 2.x, where torch does not say
+KEY_GRAPH = "fastdiff.graph"  # "engine-body" on the engine's internal files (export_engine_body)
+TWO_GB = 2**31
 
 
 def max_opset() -> int:
@@ -47,8 +49,6 @@ def max_opset() -> int:
         return int(_constants.ONNX_MAX_OPSET)
     except (ImportError, AttributeError, TypeError, ValueError):
         return FALLBACK_MAX_OPSET
-KEY_GRAPH = "fastdiff.graph"  # "engine-body" on the engine's internal files (export_engine_body)
-TWO_GB = 2**31
 
 
 class _Denoiser(torch.nn.Module):
