@@ -102,9 +102,13 @@ def probabilities(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
     """|mu1 - mu2|² + tr(s1 + s2 - 2 (s1 s2)^½) for Gaussians N(mu1, s1), N(mu2, s2)."""
+    import warnings
+
     from scipy import linalg
 
-    covmean = linalg.sqrtm(s1 @ s2)
+    with warnings.catch_warnings():  # a singular product (few samples) is handled just below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # singular product: nudge the diagonals (as pytorch-fid does)
         offset = np.eye(len(s1)) * 1e-6
         covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))

@@ -185,3 +185,14 @@ def test_sample_onnx_on_cuda_without_a_cuda_provider_is_refused(capsys, tmp_path
     refused(capsys, ["sample", "--onnx", str(onnx_files["fp32"]), "--device", "cuda", "--out", str(tmp_path / "s")],
             "--device cuda", "no CUDA provider")
     assert not (tmp_path / "s").exists()
+
+
+def test_warnings_are_one_line(capsys, monkeypatch):
+    import warnings
+
+    from fastdiff.cli import info
+
+    monkeypatch.setattr(info, "run", lambda a: warnings.warn("the ORT runtime is not used here", RuntimeWarning))
+    assert main(["info"]) == 0
+    assert capsys.readouterr().err == "fastdiff info: warning: the ORT runtime is not used here\n"
+

@@ -201,3 +201,19 @@ def test_nll_full_sum_vs_stratified_on_a_short_schedule():
     assert abs(np.mean(estimates) - full["bits_per_dim"]) < 0.15 * full["bits_per_dim"]
     with pytest.raises(ValueError, match="timesteps"):
         bits_per_dim(model, schedule, x, timesteps=20)
+
+
+def test_fid_of_few_samples_warns_nothing():
+    import warnings
+
+    import numpy as np
+
+    from fastdiff.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 16)), rng.standard_normal((4, 16))  # 4 samples: singular 16x16 covariances,
+    a[:, :8] = b[:, :8] = 0.0  # with dead (always zero) features, as ReLU features of a few images have
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert np.isfinite(d) and d > 0

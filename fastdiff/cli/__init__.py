@@ -3,7 +3,7 @@
 Every expected failure — a bad argument, a missing or unreadable file, a full disk, a model that
 produces NaN — ends in one line `fastdiff <command>: error: ...` and exit status 2; Ctrl-C in one line
 and status 130; SIGTERM (`timeout`, a job scheduler) the same clean path with status 143; a closed
-stdout (`fastdiff info | head -c0`) silently. Under torchrun the line names the
+stdout (`fastdiff info | head -c0`) silently; a warning in one line `fastdiff <command>: warning: ...`. Under torchrun the line names the
 rank (`fastdiff train: error: rank 1: ...`), and a lost peer or a timed-out collective says so.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, NoReturn
 
@@ -67,10 +68,23 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Within the block, a warning prints as `fastdiff <command>: warning: <message>` (no source line)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"fastdiff {command}: warning: {message}", file=file or sys.stderr)
+
+    previous, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(), _one_line_warnings(args.command):
             args.run(args)
         distributed.shutdown()  # leave torchrun's process group, if the command joined one
         sys.stdout.flush()
