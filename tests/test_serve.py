@@ -143,6 +143,13 @@ def test_invalid_parameters_are_422_naming_the_field(models, tmp_path, body, fie
     assert not any(tmp_path.iterdir())
 
 
+def test_a_body_that_is_not_json_is_named(models, tmp_path):
+    with _client(models, tmp_path) as c:
+        r = c.post("/api/generate", content='{"steps": 2}')  # JSON text, but no Content-Type
+        assert r.status_code == 422 and "Content-Type: application/json" in r.json()["detail"], r.text
+        assert c.post("/api/generate", json={"steps": 2}).status_code == 202
+
+
 def test_caps_and_full_queue_are_clear_4xx(models, tmp_path):
     with _client(models, tmp_path, max_n=2, max_steps=5, max_queue=1, window_ms=5000) as c:
         r = c.post("/api/generate", json={"n": 3, "steps": 2})

@@ -161,6 +161,9 @@ def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limit
         errors = jsonable_encoder(exc.errors())
         parts = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors]
         field = next((str(e["loc"][-1]) for e in errors if len(e.get("loc", ())) > 1), None)
+        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+            parts = [f"the body must be JSON, sent with Content-Type: application/json (got "
+                     f"{request.headers.get('content-type') or 'no Content-Type'})"]
         return JSONResponse({"detail": "; ".join(parts), "field": field, "errors": errors}, status_code=422)
 
     # --- the page ---------------------------------------------------------------------------------------
