@@ -104,11 +104,13 @@ def test_max_opset_exports(tmp_path):
     (["eval", "--quick", "--seed", "-1"], ["--seed", "got -1"]),
     (["eval", "--quick", "--ddpm-steps", "5000"], ["steps must be in [1, 1000]"]),
 ])
-def test_eval_refuses_bad_rows_before_sampling(capsys, tmp_path, args, matches):
+def test_eval_refuses_bad_rows_before_sampling(capsys, tmp_path, monkeypatch, args, matches):
+    from fastdiff import engine
+
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
     out = tmp_path / "eval"
-    start = time.time()
     refused(capsys, [*args, "--out", str(out), "--quiet"], *matches)
-    assert not out.exists() and time.time() - start < 30
+    assert not out.exists()
 
 
 def test_eval_out_that_is_a_file_is_refused(capsys, tmp_path):
@@ -137,12 +139,13 @@ def test_quantize_refuses_bad_arguments(capsys, tmp_path, onnx_files, args, matc
     assert not any(tmp_path.iterdir())
 
 
-def test_quantize_unwritable_out_is_refused_before_calibration(capsys, tmp_path, onnx_files):
+def test_quantize_unwritable_out_is_refused_before_calibration(capsys, tmp_path, monkeypatch, onnx_files):
+    from fastdiff.export import quantize
+
+    monkeypatch.setattr(quantize, "quantize", lambda *a, **k: pytest.fail("calibrated before refusing"))
     (tmp_path / "blocker").write_text("a file, not a folder")
-    start = time.time()
     refused(capsys, ["quantize", "--onnx", str(onnx_files["fp32"]), "--out", str(tmp_path / "blocker" / "q.onnx")],
             "--out", "blocker")
-    assert time.time() - start < 5
 
 
 @pytest.mark.parametrize("quiet", [False, True])
@@ -161,9 +164,8 @@ def test_quantize_shows_calibration_progress(capsys, tmp_path, onnx_files, quiet
     (["sample", "--onnx", "/dev/zero"], ["--onnx /dev/zero", "not a regular file"]),
 ])
 def test_errors_name_the_flag_and_the_expectation(capsys, tmp_path, args, matches):
-    start = time.time()
     refused(capsys, [*args, "--out", str(tmp_path / "out")], *matches)
-    assert not (tmp_path / "out").exists() and time.time() - start < 10
+    assert not (tmp_path / "out").exists()
 
 
 def test_serve_refuses_a_port_in_use_before_anything_else(capsys, tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tqdm import tqdm
 
 from ..files import atomic_write, write_json
 from ..onnx_quant import KEY_QUANT, METHODS, OP_TYPES, batches, quantize_int8  # noqa: F401  (KEY_QUANT: re-export)
@@ -101,7 +102,7 @@ def quantize(onnx_path: Path | str, out: Path | str, *, method: str = "minmax", 
              progress: bool = False) -> dict:
     """Quantize onnx_path to out (INT8) and write <out>.report.json / .md; returns the report.
     paired_n: images of the paired quality measure (0: skip it); activations: fastdiff.onnx_quant.recipe_name;
-    progress: a progress bar over the calibration."""
+    progress: progress bars over the calibration and the report's parts."""
     onnx_path, out = Path(onnx_path), Path(out)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -137,10 +138,15 @@ def quantize(onnx_path: Path | str, out: Path | str, *, method: str = "minmax", 
     report = {"fp32": str(onnx_path), "int8": str(out), **info, "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(),
               "size_fp32_bytes": onnx_path.stat().st_size, "size_int8_bytes": out.stat().st_size}
     report["size_ratio"] = round(report["size_int8_bytes"] / report["size_fp32_bytes"], 4)
-    report["latency_ms"] = _latencies(onnx_path, out, shape, classes, T, repeats)
-    report["error_bands"] = _error_bands(fp32, int8, images, labels, eval_idx, bands, eval_per_band, rng)
+    parts = [("latency_ms", lambda: _latencies(onnx_path, out, shape, classes, T, repeats)),
+             ("error_bands", lambda: _error_bands(fp32, int8, images, labels, eval_idx, bands, eval_per_band, rng))]
     if paired_n:
-        report["paired"] = paired_quality(onnx_path, out, paired_n, seed=seed)
+        parts.append(("paired", lambda: paired_quality(onnx_path, out, paired_n, seed=seed)))
+    with tqdm(total=len(parts), desc="report", unit="part", disable=not progress, dynamic_ncols=True) as bar:
+        for key, measure in parts:
+            bar.set_postfix_str(key)
+            report[key] = measure()
+            bar.update()
     write_json(Path(f"{out}.report.json"), report)
     atomic_write(Path(f"{out}.report.md"), lambda tmp: Path(tmp).write_text(markdown(report)))
     if verbose:
