@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .files import atomic_write, write_json
+from .files import atomic_write, ensure_writable, write_json
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -79,10 +79,8 @@ class SampleSet:
                                  "file system every process shares?)")
             self._tmp = Path(folder)
             return
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"--out {self.out}: exists and is not a folder")
         self._check_replaceable()
-        self.out.mkdir(parents=True, exist_ok=True)
+        ensure_writable(self.out, "--out")
         for stale in self.out.glob(f".{self.name}.*.partial"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".partial", dir=self.out))

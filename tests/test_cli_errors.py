@@ -198,3 +198,12 @@ def test_warnings_are_one_line(capsys, monkeypatch):
     assert main(["info"]) == 0
     assert capsys.readouterr().err == "fastdiff info: warning: the ORT runtime is not used here\n"
 
+
+
+def test_serve_names_an_out_it_cannot_make(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with socket.socket() as s:  # a port free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    refused(capsys, ["serve", "--port", str(port), "--out", str(tmp_path / "file" / "gallery")], "--out",
+            "not writable")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +61,10 @@ def test_published_folder_is_shareable(tmp_path):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "s").stat().st_mode)
     assert mode & 0o055 == 0o055, oct(mode)  # others can list and read it, as they can the grid beside it
+
+
+def test_an_out_that_cannot_be_made_is_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "below", Path("/proc/fastdiff-test")):
+        with pytest.raises(ValueError, match=f"^--out {out}: "):
+            SampleSet(out, "s")

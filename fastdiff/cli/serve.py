@@ -41,6 +41,7 @@ def run(a: argparse.Namespace) -> None:
         from ..serve.server import LOOPBACK_NAMES, bind, check_bind, is_loopback, serve
     except ImportError as e:
         raise ValueError(f"serve needs the serve extra (pip install 'fastdiff[serve]'): {e}") from None
+    from ..files import ensure_writable
     from ..machine import pick_device
 
     warning = check_bind(a.host, a.token)
@@ -52,6 +53,7 @@ def run(a: argparse.Namespace) -> None:
     device = pick_device(a.device)
     sock = bind(a.host, a.port)  # before the models load, the folder is made or success is printed
     try:
+        ensure_writable(a.out, "--out")
         models = load_models(a.ckpt, a.onnx, a.diffusers, device=device, num_threads=a.threads)
         hosts = (*LOOPBACK_NAMES, a.host.lower()) if is_loopback(a.host) and not a.token else None
         app = create_app(models, a.out, limits, token=a.token, allowed_hosts=hosts)
