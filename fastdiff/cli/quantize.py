@@ -12,7 +12,6 @@ from .common import add_quiet
 MAX_CALIB_SIZE = 65536
 MAX_PAIRED_N = 10000
 MAX_REPEATS = 10000
-MAX_SEED = 2**63 - 1
 
 
 def add(sub) -> None:
@@ -36,23 +35,19 @@ def add(sub) -> None:
     q.set_defaults(run=run)
 
 
-def _check_range(flag: str, value: int, low: int, high: int) -> None:
-    if not low <= value <= high:
-        raise ValueError(f"{flag} must be an integer in [{low}, {high}]; got {value}")
-
-
 def run(a: argparse.Namespace) -> None:
     from ..export.quantize import quantize
     from ..export.runtime import check_model_file
     from ..files import ensure_writable
+    from ..request import MAX_SEED, check_int
 
     check_model_file(a.onnx, "--onnx")
     if a.dynamic and a.method is not None:
         raise ValueError(f"--method {a.method} calibrates activations; --dynamic has no calibration (drop one)")
-    _check_range("--calib-size", a.calib_size, 1, MAX_CALIB_SIZE)
-    _check_range("--seed", a.seed, 0, MAX_SEED)
-    _check_range("--repeats", a.repeats, 1, MAX_REPEATS)
-    _check_range("--paired-n", a.paired_n, 0, MAX_PAIRED_N)
+    check_int("--calib-size", a.calib_size, 1, MAX_CALIB_SIZE)
+    check_int("--seed", a.seed, 0, MAX_SEED)
+    check_int("--repeats", a.repeats, 1, MAX_REPEATS)
+    check_int("--paired-n", a.paired_n, 0, MAX_PAIRED_N)
     if a.out.is_dir():
         raise ValueError(f"--out {a.out}: is a folder; expected the INT8 ONNX file to write (e.g. model.int8.onnx)")
     ensure_writable(a.out.parent, "--out's folder")  # now, not after the calibration

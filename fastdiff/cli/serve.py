@@ -43,12 +43,13 @@ def run(a: argparse.Namespace) -> None:
         raise ValueError(f"serve needs the serve extra (pip install 'fastdiff[serve]'): {e}") from None
     from ..files import ensure_writable
     from ..machine import pick_device
+    from ..request import check_int
 
     warning = check_bind(a.host, a.token)
     if not 1 <= a.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535]; got {a.port}")
-    if a.threads is not None and a.threads < 1:
-        raise ValueError(f"--threads must be >= 1; got {a.threads}")
+    if a.threads is not None:
+        check_int("--threads", a.threads, 1)
     limits = Limits(a.max_n, a.max_steps, a.max_queue, a.max_batch, a.batch_window_ms)
     device = pick_device(a.device)
     sock = bind(a.host, a.port)  # before the models load, the folder is made or success is printed

@@ -54,13 +54,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(app, host: str = "127.0.0.1", port: int = 7860, log_level: str = "warning",
           sock: socket.socket | None = None) -> None:
-    """Serve until Ctrl-C (uvicorn; the app's lifespan stops the worker and cancels unfinished jobs); on `sock`
-    (from `bind`) when given."""
+    """Serve until Ctrl-C (uvicorn; the app's lifespan stops the worker and cancels unfinished jobs) on `sock`,
+    default bind(host, port)."""
     import uvicorn
 
-    if sock is None:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
-        return
+    sock = sock or bind(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5)
     try:
@@ -76,9 +74,7 @@ def background(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.
     """Serve app in a thread on host:port (0: a free port); yields the base URL, stops on exit (bounded)."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind(host, port)
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
