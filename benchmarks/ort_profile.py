@@ -16,11 +16,9 @@ import collections
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
@@ -29,6 +27,7 @@ from fastdiff import runtimes
 from fastdiff.bench.cases import forward_gflop
 from fastdiff.bench.models import get_model
 from fastdiff.bench.runner import default_out, describe_machine
+from fastdiff.bench.timing import measure
 from fastdiff.files import write_json, write_text
 from fastdiff.schedule import NoiseSchedule
 
@@ -46,13 +45,8 @@ def one_thread_session(model: bytes | str, profile_dir: str | None = None) -> or
 
 
 def median_ms(run, calls: int) -> float:
-    run()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of `calls` calls of run, after one warm-up call (fastdiff.bench.timing.measure)."""
+    return measure(run, torch.device("cpu"), warmup=1, min_runs=calls, max_runs=calls)["median_s"] * 1e3
 
 
 def peak_gflops(calls: int = 20) -> float:
