@@ -9,21 +9,30 @@ and loading) whose `step` is ONE call of fastdiff's fused reverse step (torch.op
 scalars are computed on the host in float64 by NoiseSchedule.step_coefs from the same config, and the noise is
 fastdiff's counter-based Philox stream of (seed of the sample, timestep, element), so a seed gives the same noise
 on every device and for any batch it shares. Per-sample seeds are drawn ONCE per run (at the first step after
-set_timesteps) from the generator the pipeline passes: a list of generators gives one seed per image, one
+set_timesteps that adds noise) from the generator the pipeline passes: a list of generators gives one seed per image, one
 generator a base seed s with image i using s + i (fastdiff's convention); or they are set with `set_seeds`.
+
+Like diffusers' own step, theirs follows the scheduler's current config (pipelines such as StableDiffusionPipeline
+and register_to_config replace it after construction), and a deterministic step (η = 0, t = 0, DPM-Solver++ 2M) draws
+nothing from the generator. Gradients flow through `step` to sample and model_output (guidance methods).
 
 What differs from diffusers: the noise values (Philox instead of torch.randn; hand diffusers the same numbers
 through `variance_noise` to compare), and `thresholding=True`, variance types other than fixed_small(_log) /
-fixed_large and rescale_betas_zero_snr are refused with a ValueError.
+fixed_large and rescale_betas_zero_snr are refused with a ValueError; so is a training schedule (betas) changed in the
+config after construction (diffusers would keep the old one).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import torch
 
 try:
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    # diffusers' pipeline loader finds a component's loading methods through the base classes exported by the module
+    # that model_index.json names for it (this one, for the fused schedulers): without it no saved pipeline loads.
+    from diffusers import SchedulerMixin  # noqa: F401
     from diffusers.configuration_utils import register_to_config
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
@@ -37,10 +46,13 @@ from . import multistep
 from .multistep import MultistepCoefs
 from .schedule import Step, StepCoefs
 
-__all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedDPMSolverMultistepScheduler"]
+__all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedDPMSolverMultistepScheduler", "SchedulerMixin"]
 
 SEED_HIGH = 2**62  # seeds drawn from a generator: base + i stays an int64 for any batch
 DDIM_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# config keys diffusers reads only at construction (its alphas_cumprod, final_alpha_cumprod, model_outputs)
+CONSTRUCTION_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                     "set_alpha_to_one", "rescale_betas_zero_snr", "solver_order")
 
 
 def _x0_coefs(c: StepCoefs) -> StepCoefs:
@@ -49,20 +61,41 @@ def _x0_coefs(c: StepCoefs) -> StepCoefs:
 
 
 def _as_seeds(seeds: int | Sequence[int] | torch.Tensor) -> int | torch.Tensor:
+    if isinstance(seeds, torch.Tensor) and seeds.dim() == 0 and not seeds.dtype.is_floating_point:
+        seeds = seeds.item()
     if isinstance(seeds, bool):
         raise ValueError(f"seeds must be an int or one int64 seed per image; got {seeds!r}")
-    if isinstance(seeds, int):
+    if isinstance(seeds, numbers.Integral):
         if not 0 <= seeds < 2**63:
             raise ValueError(f"seeds must be in [0, 2^63); got {seeds}")
-        return seeds
+        return int(seeds)
     try:
         t = torch.as_tensor(seeds)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"seeds must be an int or one int64 seed per image; got {type(seeds).__name__}") from None
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1 or not len(t):
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() != 1 or not len(t):
         raise ValueError(f"seeds must be an int or a non-empty 1-D sequence of integer seeds; got {t.dtype} "
                          f"of shape {tuple(t.shape)}")
-    return t.to("cpu", torch.int64)
+    t = t.to("cpu", torch.int64)
+    if (t < 0).any():
+        raise ValueError(f"seeds must be in [0, 2^63); got {int(t.min())}")
+    return t
+
+
+def _check_generator(generator: Any, n: int) -> None:
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    if not all(isinstance(g, torch.Generator) for g in gens):
+        raise ValueError("generator must be a torch.Generator, a list of them (one per image) or None; got "
+                         f"{type(generator).__name__}")
+    if isinstance(generator, (list, tuple)) and len(generator) != n:
+        raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {n} images")
+
+
+def _check_num_steps(num_inference_steps: Any, where: str) -> None:
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
+            num_inference_steps, numbers.Integral) or num_inference_steps < 1):
+        raise ValueError(f"{where}.set_timesteps: num_inference_steps must be a positive int; got "
+                         f"{num_inference_steps!r}")
 
 
 class _FusedStep:
@@ -72,15 +105,34 @@ class _FusedStep:
     # The step implementation; tests swap in ops.reverse_step_reference (the bit-identical PyTorch twin).
     step_fn = staticmethod(ops.reverse_step)
 
-    def _setup(self) -> None:
-        name = type(self).__name__
-        self.schedule = schedule_from_config(self.config, name)
-        self.options = sampler_options(self._sampler, self.config, name)
-        self.return_pred_original_sample = True  # False: one op call per step, pred_original_sample None
+    def _setup(self, return_pred_original_sample: bool = True) -> None:
+        self.return_pred_original_sample = return_pred_original_sample  # False: pred_original_sample None
         self._seeds: int | torch.Tensor | None = None  # set_seeds
-        self._run_seeds: torch.Tensor | None = None  # this run's, drawn at its first step
+        self._run_seeds: torch.Tensor | None = None  # this run's, drawn at its first step that adds noise
         self._on_device: tuple[torch.device, torch.Tensor] | None = None
-        self._coefs: dict[tuple, StepCoefs] = {}
+        self._coefs: dict[tuple, Any] = {}
+        self._synced: Any = None  # the config object the schedule and options were made from
+        self._built = {k: self.config.get(k) for k in CONSTRUCTION_KEYS}
+        self._sync()
+
+    def _sync(self) -> None:
+        """Make the schedule and options from the current config when it was replaced: diffusers' step reads
+        clip_sample, prediction_type, ... at each call, and pipelines (StableDiffusionPipeline) or register_to_config
+        replace the config object after construction. What diffusers reads only at construction may not change."""
+        config = self.config
+        if config is self._synced:
+            return
+        name = type(self).__name__
+        changed = [k for k, v in self._built.items() if config.get(k) != v]
+        if changed:
+            raise ValueError(f"{name}: {', '.join(changed)} changed in the config after construction, where diffusers "
+                             "reads it; make a new scheduler with from_config(config)")
+        self.schedule, self._coefs = schedule_from_config(config, name), {}
+        self._configure(config, name)
+        self._synced = config
+
+    def _configure(self, config: Any, name: str) -> None:
+        self.options = sampler_options(self._sampler, config, name)
 
     # --- seeds --------------------------------------------------------------------------------------------
     def set_seeds(self, seeds: int | Sequence[int] | torch.Tensor | None) -> None:
@@ -97,7 +149,8 @@ class _FusedStep:
 
     @property
     def seeds(self) -> torch.Tensor | None:
-        """The seeds of the current run (CPU int64, one per image), once its first step has run."""
+        """The seeds of the current run (CPU int64, one per image), once a step has drawn them (set_seeds: its first
+        step; a generator: its first step that adds noise, so None for a deterministic run)."""
         return self._run_seeds
 
     def _draw(self, n: int, generator: Any) -> torch.Tensor:
@@ -110,16 +163,20 @@ class _FusedStep:
                 raise ValueError(f"set_seeds gave {len(self._seeds)} seeds for a batch of {n} images")
             return self._seeds.clone()
         if isinstance(generator, (list, tuple)):
-            if len(generator) != n:
-                raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {n} images")
             return torch.cat([torch.randint(0, SEED_HIGH, (1,), generator=g, device=g.device).cpu()
                               for g in generator])
         device = generator.device if generator is not None else "cpu"
         base = int(torch.randint(0, SEED_HIGH, (1,), generator=generator, device=device).item())
         return torch.arange(n, dtype=torch.int64) + base
 
-    def _device_seeds(self, n: int, device: torch.device, generator: Any) -> torch.Tensor:
+    def _device_seeds(self, n: int, device: torch.device, generator: Any, noise: bool = True) -> torch.Tensor:
+        """The run's seeds on device; a step that adds no Philox noise (noise False) before the run's first one that
+        does gets placeholder seeds and leaves the generator alone, as diffusers draws nothing for it."""
+        if generator is not None:
+            _check_generator(generator, n)
         if self._run_seeds is None or len(self._run_seeds) != n:
+            if not noise and self._seeds is None:
+                return torch.zeros(n, dtype=torch.int64, device=device)
             self._run_seeds, self._on_device = self._draw(n, generator), None
         if self._on_device is None or self._on_device[0] != device:
             self._on_device = (device, self._run_seeds.to(device))
@@ -137,6 +194,7 @@ class _FusedStep:
 
     # --- the step -----------------------------------------------------------------------------------------
     def _step_coefs(self, t: int, prev: int, **options) -> StepCoefs:
+        self._sync()
         key = (t, prev, *sorted(options.items()))
         coefs = self._coefs.get(key)
         if coefs is None:
@@ -150,7 +208,7 @@ class _FusedStep:
         dtype = sample.dtype
         x = sample if dtype in ops.DTYPES else sample.float()  # float64 runs in float32 (the op's precision)
         m = model_output if model_output.dtype == x.dtype else model_output.to(x.dtype)
-        seeds = self._device_seeds(x.shape[0], x.device, generator)
+        seeds = self._device_seeds(x.shape[0], x.device, generator, coefs.sigma != 0 and variance_noise is None)
         if variance_noise is not None:  # diffusers' semantics: these normals instead of the Philox ones
             out = self.step_fn(x, m, seeds, t, coefs._replace(sigma=0.0)) + coefs.sigma * variance_noise.to(x)
         else:
@@ -185,7 +243,8 @@ class FusedDDIMScheduler(_FusedStep, DDIMScheduler):
         DDIMScheduler.__init__.__wrapped__(self, **kwargs)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """diffusers' set_timesteps; also starts a new run (its seeds are drawn at the first step)."""
+        """diffusers' set_timesteps; also starts a new run (its seeds are drawn at its first noisy step)."""
+        _check_num_steps(num_inference_steps, type(self).__name__)
         super().set_timesteps(num_inference_steps, device)
         self._drop_extra_timestep(num_inference_steps)
         self._run_seeds, self._on_device = None, None
@@ -229,6 +288,7 @@ class FusedDDPMScheduler(_FusedStep, DDPMScheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list[int] | None = None) -> None:
         """diffusers' set_timesteps (custom timesteps included); also starts a new run."""
+        _check_num_steps(num_inference_steps, type(self).__name__)
         super().set_timesteps(num_inference_steps, device, timesteps)
         self._drop_extra_timestep(num_inference_steps)
         self._run_seeds, self._on_device = None, None
@@ -298,31 +358,39 @@ class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential"):
         kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        name = type(self).__name__
         DPMSolverMultistepScheduler.__init__.__wrapped__(self, **kwargs)
-        self._sampler, self.options = _dpm_options(self.config, name)
-        self.schedule = schedule_from_config(self.config, name)
-        self.return_pred_original_sample = False
-        self._seeds, self._run_seeds, self._on_device, self._coefs = None, None, None, {}
         self._plan: list[Step] = []
         self._first_order: list[Step] = []
+        self._setup(return_pred_original_sample=False)
+
+    def _configure(self, config: Any, name: str) -> None:
+        self._sampler, self.options = _dpm_options(config, name)
+        if self._plan:  # the config changed during a run: its scalars again, for the same timesteps
+            self._make_plan(len(self._plan))
+
+    def _make_plan(self, n: int) -> None:
+        self._plan = self.schedule.reverse_steps(self._sampler, n, **self.options)
+        # a run that starts mid-schedule (begin_index) takes a first-order step first, as diffusers
+        self._first_order = self.schedule.reverse_steps(self._sampler, n, **{**self.options, "solver_order": 1})
+        if [s.t for s in self._plan] != self.timesteps.tolist():
+            raise ValueError(f"{type(self).__name__}: the config's timestep settings changed after set_timesteps; "
+                             "call set_timesteps again")
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       mu: float | None = None, timesteps: list[int] | None = None) -> None:
         """diffusers' set_timesteps (custom timesteps and mu are refused); computes the run's scalars and starts a
-        new run (its seeds are drawn at the first step)."""
+        new run (its seeds are drawn at its first noisy step)."""
         if timesteps is not None or mu is not None:
             raise ValueError(f"{type(self).__name__}: custom timesteps / mu are not supported; pass num_inference_steps")
+        _check_num_steps(num_inference_steps, type(self).__name__)
+        self._plan = []
+        self._sync()
         super().set_timesteps(num_inference_steps, device)
         n = int(num_inference_steps)
         if len(self.timesteps) > n:  # diffusers' extra trailing timestep -1 (see _drop_extra_timestep)
             self._drop_extra_timestep(n)
             self.sigmas, self.num_inference_steps = torch.cat([self.sigmas[:n], self.sigmas[-1:]]), n
-        self._plan = self.schedule.reverse_steps(self._sampler, n, **self.options)
-        # a run that starts mid-schedule (begin_index) takes a first-order step first, as diffusers
-        self._first_order = self.schedule.reverse_steps(self._sampler, n, **{**self.options, "solver_order": 1})
-        if [s.t for s in self._plan] != self.timesteps.tolist():  # pragma: no cover - guarded by _dpm_options
-            raise ValueError(f"{type(self).__name__}: timesteps differ from diffusers'")
+        self._make_plan(n)
         self._run_seeds, self._on_device = None, None
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
@@ -334,6 +402,7 @@ class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
                              "the scheduler")
         if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
             raise ValueError("sample and model_output must be torch tensors")
+        self._sync()
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self.step_index
@@ -345,7 +414,7 @@ class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
         m = model_output if model_output.dtype == x.dtype else model_output.to(x.dtype)
         prev = self.model_outputs[-1]
         x0_prev = prev.to(x) if coefs.k_prev != 0 and prev is not None else torch.zeros_like(x)
-        seeds = self._device_seeds(x.shape[0], x.device, generator)
+        seeds = self._device_seeds(x.shape[0], x.device, generator, coefs.sigma != 0 and variance_noise is None)
         t = int(self.timesteps[i])
         if variance_noise is not None and coefs.sigma != 0:  # diffusers' semantics: these normals
             out, x0 = self.multistep_fn(x, m, x0_prev, seeds, t, coefs._replace(sigma=0.0))

@@ -5,7 +5,8 @@
 
 If the compiled extension fastdiff._C is missing, the pure-PyTorch reference (same fp32 math, same
 noise bits) is used instead, with one warning; backend() says which is in use. Bad arguments raise
-ValueError naming the argument (docs/design.md §4).
+ValueError naming the argument (docs/design.md §4). Both ops are differentiable in x, model_output (and x0_prev):
+the step is linear in them but for the clamp of x0, and the noise does not depend on them.
 """
 from __future__ import annotations
 
@@ -73,6 +74,42 @@ if _BACKEND == "extension":
         torch._check(model_output.dtype == x.dtype and seeds.dtype == torch.int64,
                      lambda: "reverse_step: model_output must have x's dtype and seeds must be int64")
         return torch.empty_like(x, memory_format=_memory_format(x))
+
+
+def _unclamped(x: torch.Tensor, m: torch.Tensor, a: float, b: float, clip_range: float) -> torch.Tensor:
+    """1 where the clamp of x0 = a*x + b*m passes the gradient, as the reference's where() does (NaN included)."""
+    x0 = reference.f32(a) * x.float() + reference.f32(b) * m.float()
+    clip = reference.f32(clip_range)
+    return ((x0 >= -clip) & (x0 <= clip) | x0.isnan()).float()
+
+
+def _save_step(ctx, inputs, output) -> None:
+    x, m, *_ = inputs
+    ctx.save_for_backward(x, m)
+    ctx.scalars = [reference.f32(c) for c in inputs[-7:]]
+
+
+def _reverse_step_backward(ctx, grad: torch.Tensor):
+    x, m = ctx.saved_tensors
+    a, b, clip, k_x0, k_x, k_m, _ = ctx.scalars
+    g = grad.float()
+    through = _unclamped(x, m, a, b, clip) * g * k_x0
+    gx, gm = (through * a + k_x * g).to(x.dtype), (through * b + k_m * g).to(m.dtype)
+    return (gx, gm) + (None,) * 9
+
+
+def _multistep_step_backward(ctx, grad_out: torch.Tensor | None, grad_x0: torch.Tensor | None):
+    x, m = ctx.saved_tensors
+    a, b, clip, k_x0, k_prev, k_x, _ = ctx.scalars
+    g = torch.zeros_like(x, dtype=torch.float32) if grad_out is None else grad_out.float()
+    g0 = g * k_x0 if grad_x0 is None else g * k_x0 + grad_x0.float()
+    through = _unclamped(x, m, a, b, clip) * g0
+    return ((through * a + k_x * g).to(x.dtype), (through * b).to(m.dtype), (k_prev * g).to(x.dtype)) + (None,) * 9
+
+
+if _BACKEND == "extension":
+    torch.library.register_autograd("fastdiff::reverse_step", _reverse_step_backward, setup_context=_save_step)
+    torch.library.register_autograd("fastdiff::multistep_step", _multistep_step_backward, setup_context=_save_step)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

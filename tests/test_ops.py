@@ -361,6 +361,41 @@ def test_opcheck_cpu(dtype) -> None:
     torch.library.opcheck(torch.ops.fastdiff.reverse_step.default, (xc, mc, seeds, 3, *NOCLIP))
 
 
+@vs_reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_gradients_equal_the_reference(dtype, layout) -> None:
+    """Autograd through both ops (their register_autograd formulas) gives the gradients of the reference's own
+    torch ops bit for bit: the clamp passes none where it bites, the noise none at all; opcheck checks the
+    registration with inputs that require grad."""
+    from fastdiff.multistep import MultistepCoefs
+
+    x, m, seeds = _inputs((3, 2, 5, 7), dtype, seed=4)
+    xp = torch.randn(x.shape).to(dtype)
+    arrange = {"contiguous": lambda t: t, "channels_last": lambda t: t.to(memory_format=torch.channels_last),
+               "transposed": lambda t: t.transpose(2, 3)}[layout]
+    weight = torch.randn(arrange(x).shape)
+    ms = MultistepCoefs(a=1.6, b=-1.2, clip_range=1.0, k_x0=0.8, k_prev=-0.3, k_x=0.4, sigma=0.3)
+    calls = {"reverse_step": (lambda f, x, m, xp: (f(x, m, seeds, 3, DDIM),), ops.reverse_step, ops.reverse_step_reference),
+             "multistep_step": (lambda f, x, m, xp: f(x, m, xp, seeds, 3, ms), ops.multistep_step,
+                                ops.multistep_step_reference)}
+    for call, fused, ref in calls.values():
+        grads = []
+        for f in (fused, ref):
+            inputs = [arrange(t).detach().requires_grad_() for t in (x, m, xp)]
+            outs = call(f, *inputs)
+            loss = sum(((o.float() * weight) * (k + 1)).sum() for k, o in enumerate(outs))
+            grads.append([g if g is not None else torch.zeros(()) for g in
+                          torch.autograd.grad(loss, inputs, allow_unused=True)])
+        for g, r in zip(*grads):
+            assert g.dtype == r.dtype and torch.equal(g, r)
+    clamped = (DDIM.a * x.float() + DDIM.b * m.float()).abs() > DDIM.clip_range
+    assert clamped.any() and (~clamped).any()
+    xg, mg = x.float().requires_grad_(), m.float().requires_grad_()
+    torch.library.opcheck(torch.ops.fastdiff.reverse_step.default, (xg, mg, seeds, 3, *DDIM))
+    torch.library.opcheck(torch.ops.fastdiff.multistep_step.default, (xg, mg, xp.float().requires_grad_(), seeds, 3, *ms))
+
+
 @CUDA
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
