@@ -48,14 +48,28 @@ def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
         raise ValueError(f"{file} is not a readable safetensors checkpoint ({e})") from None
     if metadata.get("format") != "fastdiff":
         raise ValueError(f"{file} is not a fastdiff checkpoint (no fastdiff metadata)")
-    config = json.loads(metadata["config"])
+    config = _json_object(metadata.get("config"), f"{file}: its config metadata")
     cfg_file = file.parent / CONFIG
     if cfg_file.exists():  # the readable copy wins, so a hand-edited config is checked against the weights
         try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file} is not valid JSON ({e})") from None
-    return config, tensors, json.loads(metadata.get("meta", "{}"))
+            text = cfg_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_file} is not a readable UTF-8 text file ({e})") from None
+        config = _json_object(text, str(cfg_file))
+    return config, tensors, _json_object(metadata.get("meta", "{}"), f"{file}: its meta metadata")
+
+
+def _json_object(text: str | None, what: str) -> dict:
+    """The JSON object in text; ValueError naming `what` when it is missing, not JSON or not an object."""
+    if text is None:
+        raise ValueError(f"{what} is missing")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object; got {type(value).__name__}")
+    return value
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

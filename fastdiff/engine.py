@@ -36,8 +36,8 @@ the plain samplers with the same seeds (fp32: to float32 rounding of the two run
 in tests/test_engine_runtimes.py; bf16/fp16: within the model's own reduced-precision error; int8: see
 docs/performance.md).
 
-Side effect: the engine puts the model in eval mode on `device` and, with channels_last,
-converts its parameters to channels_last in place (the same module object is used).
+Side effect: the engine puts the model in eval mode on `device` and, with channels_last, converts its parameters
+to channels_last in place (the same module object is used).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from . import ops, runtimes
 from .nn.unet import UNetConfig
-from .request import SampleRequest, check_float, check_int
+from .request import MAX_BATCH_SIZE, MAX_GUIDANCE, SampleRequest, check_classes, check_float, check_int
 from .sampling import SAMPLERS, Model, denoise, initial_noise, make_seeds
 from .schedule import NoiseSchedule, Step
 
@@ -147,8 +147,7 @@ class Engine:
         on_step(steps done) a callback after each step, on the eager and ort runtimes (a captured graph
         runs as one replay: neither is called there)."""
         seeds, image_shape, y, guidance = self._check(seeds, image_shape, classes, guidance)
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise ValueError(f"steps must be an integer; got {steps!r}")
+        steps = check_int("steps", steps, 1)
         plan = self.schedule.reverse_steps(sampler, steps, **options)
         self._model_fn()  # export / load the ORT model first (outside inference_mode)
         threads = torch.get_num_threads()
@@ -193,17 +192,24 @@ class Engine:
     # --- internals ----------------------------------------------------------------------------------
     def _check(self, seeds, image_shape, classes, guidance):
         ops.check_seeds(seeds)
+        check_int("the number of seeds (the batch)", len(seeds), 1, MAX_BATCH_SIZE)
         image_shape = tuple(int(s) for s in image_shape)
         if not image_shape or any(s < 1 for s in image_shape):
             raise ValueError(f"image_shape must be positive sizes (C, H, W); got {image_shape}")
         self._check_unet_shape(image_shape)
-        guidance = check_float("guidance", guidance, 0.0)
+        guidance = check_float("guidance", guidance, 0.0, high=MAX_GUIDANCE)
         y = None
         if classes is not None:
             if (not isinstance(classes, torch.Tensor) or classes.dtype.is_floating_point or classes.dim() != 1
                     or len(classes) != len(seeds)):
+                got = f"{classes.dtype} of shape {tuple(classes.shape)}" if isinstance(classes, torch.Tensor) else \
+                    type(classes).__name__
                 raise ValueError(f"classes must be a 1-D integer tensor with one class id per seed ({len(seeds)}); "
-                                 f"got {_describe(classes)}")
+                                 f"got {got}")
+            config = getattr(self.model, "config", None)  # a UNet's class count, or a denoiser's own (if it says)
+            count = config.num_classes if isinstance(config, UNetConfig) else getattr(self.model, "num_classes", None)
+            if count is not None:
+                check_classes(classes, len(classes), int(count))
             y = classes.to(self.device, torch.long)
         elif guidance != 1.0:
             raise ValueError("guidance != 1 needs class ids (and a class-conditional model)")
@@ -349,12 +355,6 @@ class Engine:
             return _Graph(None)
 
 
-def _describe(v) -> str:
-    if isinstance(v, torch.Tensor):
-        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
-    return type(v).__name__
-
-
 @torch.inference_mode()
 def generate(model: Model, schedule: NoiseSchedule, image_shape: tuple[int, int, int], n: int, *, seed: int = 0,
              sampler: str = "ddim", steps: int | None = None, classes: int | Sequence[int] | torch.Tensor | None = None,
@@ -378,7 +378,7 @@ def generate(model: Model, schedule: NoiseSchedule, image_shape: tuple[int, int,
         runner = Engine(model, schedule, device=device, channels_last=device.type == "cuda", runtime=runtime,
                         int8=int8) if engine else None
     out = []
-    total = -(-request.n // check_int("batch_size", batch_size, 1))  # a generator and a count: any n, bounded memory
+    total = -(-request.n // check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE))  # a generator and a count: any n, bounded memory
     for start, count in tqdm(request.batches(batch_size), total=total, desc=f"{sampler}-{request.steps}",
                              disable=not progress or total == 1):
         seeds = make_seeds(request.seed + start, count, device)

@@ -137,6 +137,22 @@ def check_seeds(seeds: torch.Tensor, n: int | None = None, device: torch.device 
         raise ValueError(f"seeds must be on x's device {device}; got {seeds.device}")
 
 
+def _check_coefs(coefs, kind: type) -> list[float]:
+    """The 7 scalars of a step as floats: finite, but clip_range, which is >= 0 (inf: no clamp)."""
+    try:
+        values = [float(c) for c in coefs]
+    except (TypeError, ValueError):
+        raise ValueError(f"coefs must be a fastdiff {kind.__name__} of {len(kind._fields)} numbers; got "
+                         f"{type(coefs).__name__}") from None
+    if len(values) != len(kind._fields):
+        raise ValueError(f"coefs must hold {len(kind._fields)} numbers ({', '.join(kind._fields)}); got {len(values)}")
+    for name, v in zip(kind._fields, values):
+        if not (v >= 0 if name == "clip_range" else math.isfinite(v)):
+            raise ValueError(f"coefs.{name} must be " + ("a number >= 0 (inf: no clamp)" if name == "clip_range"
+                                                         else "finite") + f"; got {v}")
+    return values
+
+
 def _validate(x: torch.Tensor, model_output: torch.Tensor, seeds: torch.Tensor, step: int,
               coefs: StepCoefs) -> tuple[torch.Tensor, torch.Tensor, StepCoefs]:
     for name, t in (("x", x), ("model_output", model_output)):
@@ -157,7 +173,7 @@ def _validate(x: torch.Tensor, model_output: torch.Tensor, seeds: torch.Tensor, 
         raise ValueError(f"step must be an int; got {type(step).__name__}")
     if not 0 <= step < 2**32:
         raise ValueError(f"step must be in [0, 2^32); got {step}")
-    coefs = StepCoefs(*(float(c) for c in coefs))
+    coefs = StepCoefs(*_check_coefs(coefs, StepCoefs))
     fmt = _memory_format(x)
     x = x.contiguous(memory_format=fmt)
     model_output = model_output.contiguous(memory_format=fmt)
@@ -186,6 +202,9 @@ def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...],
     """x_T (float32, on the seeds' device) for each sample from its own seed, made by the fused op itself
     (so a captured CUDA graph draws it too); bit-identical to fastdiff.noise.gaussian(seeds, INITIAL_NOISE_STEP)."""
     check_seeds(seeds)
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__") or not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"shape must be a sequence of sizes >= 0 (one sample's, e.g. (C, H, W)); got {shape!r}")
     zeros = torch.zeros((len(seeds), *shape), device=seeds.device).contiguous(memory_format=memory_format)
     return reverse_step(zeros, zeros, seeds, INITIAL_NOISE_STEP, INITIAL_NOISE_COEFS)
 
@@ -217,14 +236,14 @@ def _validate_multistep(x: torch.Tensor, model_output: torch.Tensor, x0_prev: to
                         step: int, coefs: MultistepCoefs):
     if not isinstance(coefs, MultistepCoefs):
         raise ValueError(f"coefs must be a fastdiff.multistep.MultistepCoefs; got {type(coefs).__name__}")
-    x, model_output, _ = _validate(x, model_output, seeds, step, StepCoefs(*coefs))
+    x, model_output, _ = _validate(x, model_output, seeds, step, StepCoefs(*_check_coefs(coefs, MultistepCoefs)))
     if not isinstance(x0_prev, torch.Tensor):
         raise ValueError(f"x0_prev must be a torch.Tensor; got {type(x0_prev).__name__}")
     if x0_prev.shape != x.shape or x0_prev.dtype != x.dtype or x0_prev.device != x.device:
         raise ValueError(f"x0_prev must match x ({x.dtype}, shape {tuple(x.shape)}, on {x.device}); got "
                          f"{x0_prev.dtype}, shape {tuple(x0_prev.shape)}, on {x0_prev.device}")
     x0_prev = x0_prev.contiguous(memory_format=_memory_format(x))
-    return x, model_output, x0_prev, MultistepCoefs(*(float(c) for c in coefs))
+    return x, model_output, x0_prev, MultistepCoefs(*_check_coefs(coefs, MultistepCoefs))
 
 
 def multistep_step(x: torch.Tensor, model_output: torch.Tensor, x0_prev: torch.Tensor, seeds: torch.Tensor, step: int,

@@ -15,6 +15,8 @@ from .schedule import SAMPLER_OPTIONS, SAMPLERS, NoiseSchedule, Step
 
 MAX_SEED = 2**63 - 1  # seeds are int64 (the Philox key is its 64 bits); image i uses seed + i
 MAX_SAMPLES = 10**9   # per request; generate() streams batches, so this bounds work, not memory
+MAX_BATCH_SIZE = 65536  # images in one batch (a model call, a training step)
+MAX_GUIDANCE = 1000.0   # classifier-free guidance scales in use are below ~30; beyond this float32 overflows soon
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
@@ -28,13 +30,16 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return value
 
 
-def check_float(name: str, value: Any, low: float = -math.inf, *, positive: bool = False) -> float:
-    """value as a finite float >= low (> low when positive); ValueError naming `name` otherwise."""
+def check_float(name: str, value: Any, low: float = -math.inf, *, positive: bool = False,
+                high: float = math.inf) -> float:
+    """value as a finite float >= low (> low when positive) and <= high; ValueError naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a number; got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value < low or (positive and value == low):
         raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} {low:g}; got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be <= {high:g}; got {value:g}")
     return value
 
 
@@ -79,8 +84,8 @@ class SampleRequest:
         T = schedule.num_train_timesteps
         steps = default_steps(sampler, T) if steps is None else check_int("steps", steps, 1, T)
         seed = check_int("seed", seed, 0, MAX_SEED - (n - 1))
-        guidance = check_float("guidance", guidance, 0.0)
-        classes = _check_classes(classes, n, num_classes)
+        guidance = check_float("guidance", guidance, 0.0, high=MAX_GUIDANCE)
+        classes = check_classes(classes, n, num_classes)
         if classes is None and guidance != 1.0:
             raise ValueError("guidance != 1 needs class ids (--class) and a class-conditional model")
         options = fastdiff_options(sampler, options)
@@ -89,7 +94,7 @@ class SampleRequest:
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, int]]:
         """(first image, count) of each batch, in order."""
-        batch_size = check_int("batch_size", batch_size, 1)
+        batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         for start in range(0, self.n, batch_size):
             yield start, min(batch_size, self.n - start)
 
@@ -111,7 +116,8 @@ class SampleRequest:
                 "guidance": self.guidance, **self.options}
 
 
-def _check_classes(classes: Any, n: int, num_classes: int) -> int | np.ndarray | None:
+def check_classes(classes: Any, n: int, num_classes: int) -> int | np.ndarray | None:
+    """One class id for every image, n of them (ndarray, tensor, sequence), or None; each in [-1, num_classes)."""
     if classes is None:
         return None
     if not num_classes:

@@ -252,7 +252,7 @@ class NoiseSchedule:
         ac_prev = ac[prev] if prev >= 0 else (1.0 if o["set_alpha_to_one"] else ac[0])
         var = (1 - ac_prev) / (1 - ac_t) * (1 - ac_t / ac_prev)
         sigma = eta * math.sqrt(var)
-        dir2 = 1 - ac_prev - sigma**2
+        dir2 = 1 - ac_prev - sigma * sigma  # not sigma**2: that raises OverflowError for a huge eta
         if dir2 < -1e-12:
             raise ValueError(f"eta={eta} is too large: the DDIM direction term becomes imaginary at t={t}")
         direction = math.sqrt(max(dir2, 0.0))

@@ -23,11 +23,11 @@ from . import __version__, checkpoint, distributed
 from .files import atomic_write, write_json
 from .data import ImageData
 from .nn.unet import UNet, UNetConfig
+from .request import MAX_BATCH_SIZE
 from .schedule import NoiseSchedule
 
 # The global batch: far above real diffusion training (DDPM: 128; ADM: 256-2048), yet small enough to refuse a typo
 # before allocating it (65536 3x32x32 float32 images are 0.8 GB before any activation).
-MAX_BATCH_SIZE = 65536
 
 
 @dataclass(frozen=True)
