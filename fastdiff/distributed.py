@@ -225,6 +225,19 @@ def idle_ranks(n: int, batch_size: int, world: int | None = None) -> int:
     return max(0, world - -(-n // batch_size))
 
 
+def idle_note(n: int, batch_size: int, world: int | None = None) -> str | None:
+    """Why some ranks get no batch of sampling (None when every rank has one): too few images for the processes,
+    or too large a --batch-size."""
+    world = world_size() if world is None else world
+    idle = idle_ranks(n, batch_size, world)
+    if not idle:
+        return None
+    if n < world:
+        return (f"-n {n} is below the {world} processes: {idle} process(es) get no image; raise -n or launch fewer "
+                "processes")
+    return f"{idle} process(es) get no batch of --batch-size {batch_size}; lower it to use them"
+
+
 def rank_seed(seed: int, rank_: int) -> int:
     """The seed of rank r's own stream (dropout and any other draw of the global torch RNG); rank 0: seed."""
     if rank_ == 0:

@@ -64,6 +64,46 @@ def open_onnx(path: Path, flag: str, precision: str):
     return runner
 
 
+def _json(text: str):
+    """text parsed as JSON, or None if it is not JSON."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def check_onnx_matches(runner, flag: str, model, schedule) -> None:
+    """ValueError naming `flag` unless the ONNX file of `runner` was exported from `model` (its weights digest, when
+    the file records one; else its image shape, class count, schedule and model config); a file without a digest
+    gets a note on stderr, as its weights cannot be told apart from another model's of the same config."""
+    import json
+    import sys
+
+    from .onnx_export import describe, weights_digest
+
+    shape, num_classes, config = describe(model)
+    where = f"{flag} {runner.path}"
+    if tuple(runner.image_shape) != tuple(shape):
+        raise ValueError(f"{where}: a model of {list(runner.image_shape)} images; the checkpoint's are {list(shape)}")
+    if runner.num_classes != num_classes:
+        raise ValueError(f"{where}: a model of {runner.num_classes} classes; the checkpoint has {num_classes} "
+                         "(0: unconditional)")
+    ours, theirs = schedule.to_dict(), runner.schedule.to_dict()
+    if ours != theirs:
+        keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise ValueError(f"{where}: its noise schedule differs from the checkpoint's (in {', '.join(keys)})")
+    if runner.model_config is not None and _json(runner.model_config) != json.loads(json.dumps(config)):
+        raise ValueError(f"{where}: exported from another model config (fastdiff.model_config) than the checkpoint's")
+    if runner.weights_sha256 is None:
+        print(f"fastdiff eval: note: {where} records no weights digest (an older export); only its shape, classes, "
+              "schedule and config were checked against the checkpoint", file=sys.stderr)
+    elif runner.weights_sha256 != weights_digest(model):
+        raise ValueError(f"{where}: exported from other weights than the checkpoint's (fastdiff.weights_sha256 "
+                         "differs); export this checkpoint with `fastdiff export`")
+
+
 def evaluate_all(a: argparse.Namespace) -> None:
     """Sample and score every row; write results.json (after each row), results.md, fid_vs_steps.png, grids/."""
     import torch
@@ -106,6 +146,8 @@ def evaluate_all(a: argparse.Namespace) -> None:
     check_rows(rows, schedule, n, a.seed, a.unclipped_eps)
     onnx = {kind: open_onnx(path, flag, kind.split("-")[1]) for kind, path, flag in
             (("onnx-fp32", a.onnx, "--onnx"), ("onnx-int8", a.onnx_int8, "--onnx-int8")) if path is not None}
+    for kind, runner in onnx.items():
+        check_onnx_matches(runner, "--onnx" if kind == "onnx-fp32" else "--onnx-int8", model, schedule)
     rows += [{"name": f"{kind}-ddim-{ONNX_STEPS}", "source": kind, "sampler": "ddim", "steps": ONNX_STEPS,
               "eta": ONNX_ETA} for kind in onnx]
     if not rows:

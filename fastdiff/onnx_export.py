@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import tempfile
@@ -32,7 +33,7 @@ from . import __version__
 from .files import atomic_write
 from .nn.unet import UNet
 from .onnx_format import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_MODEL,
-                          KEY_PRECISION, KEY_SCHEDULE, KEY_SHAPE, KEY_VERSION)
+                          KEY_PRECISION, KEY_SCHEDULE, KEY_SHAPE, KEY_VERSION, KEY_WEIGHTS)
 from .schedule import NoiseSchedule
 
 MIN_OPSET = 17
@@ -76,11 +77,23 @@ def describe(model: torch.nn.Module) -> tuple[tuple[int, int, int], int, dict]:
                          f"{type(model).__name__}") from None
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 (hex) of model's state_dict - names, dtypes, shapes and bytes, in name order: what an exported file
+    records (fastdiff.weights_sha256), so `fastdiff eval` can tell whether an ONNX file holds a checkpoint's weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
 def metadata(model: torch.nn.Module, schedule: NoiseSchedule, precision: str) -> dict[str, str]:
     shape, num_classes, config = describe(model)
     return {KEY_FORMAT: FORMAT, KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_VERSION: __version__,
             KEY_SCHEDULE: json.dumps(schedule.to_dict()), KEY_SHAPE: json.dumps(list(shape)),
-            KEY_CLASSES: str(num_classes), KEY_PRECISION: precision, KEY_MODEL: json.dumps(config)}
+            KEY_CLASSES: str(num_classes), KEY_PRECISION: precision, KEY_MODEL: json.dumps(config),
+            KEY_WEIGHTS: weights_digest(model)}
 
 
 def _trace(wrapper: torch.nn.Module, args: tuple, names: list[str], opset: int, exporter: str) -> onnx.ModelProto:

@@ -1,6 +1,7 @@
 """The INT8 recipe for exported fastdiff denoisers (onnxruntime.quantization), shared by `fastdiff quantize`
 (fastdiff.export.quantize: calibration on q_sample(training images, t)) and the engine's `int8=True`
-(fastdiff.runtimes: calibration on the fp32 model's own sampling trajectory). Torch-free.
+(fastdiff.runtimes: calibration on the fp32 model's own sampling trajectory). This module is torch-free; its
+callers build the calibration batches (fastdiff.export.quantize loads them with fastdiff.data, which needs torch).
 
 Why the first recipe (QDQ, S8 activations x S8 weights, Conv/MatMul/Gemm) was hardly faster than fp32
 (measured in docs/performance.md): ORT's CPU EP fuses DQ -> Conv -> Q into its int8 QLinearConv / QGemm only
@@ -92,6 +93,11 @@ def quantize_int8(src: Path | str, out: Path | str, calibration: Iterable[dict[s
         raise ValueError("calibration batches are needed for static quantization (or pass dynamic=True)")
     src, out = Path(src), Path(out)
     name = recipe_name(activations)
+    source = onnx.load(str(src), load_external_data=False)
+    ops = {n.op_type for n in source.graph.node} | {n.op_type for f in source.functions for n in f.node}
+    if not ops & set(OP_TYPES):
+        raise ValueError(f"{src}: the graph has no {'/'.join(OP_TYPES)} node, so there is nothing to quantize (a "
+                         "fastdiff denoiser export has many)")
 
     class Reader(CalibrationDataReader):
         def __init__(self, feeds):
@@ -124,7 +130,7 @@ def quantize_int8(src: Path | str, out: Path | str, calibration: Iterable[dict[s
               "format": "dynamic (s8 weights)" if dynamic else
               f"QDQ, per-channel s8 weights ({'7' if name == 'u8r' else '8'}-bit), {name[:2]} activations",
               "recipe": name, **(info or {})}
-    meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    meta = {p.key: p.value for p in source.metadata_props}
     del model.metadata_props[:]
     for k, v in {**meta, KEY_PRECISION: "int8", KEY_QUANT: json.dumps(recipe)}.items():
         model.metadata_props.add(key=k, value=v)

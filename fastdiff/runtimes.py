@@ -109,46 +109,66 @@ def model_digest(model: UNet, schedule: NoiseSchedule) -> str:
     return h.hexdigest()[:32]
 
 
-def onnx_file(model: UNet, schedule: NoiseSchedule, digest: str | None = None) -> Path:
-    """The cached fp32 ONNX export of model, the deployment format (x, t[, y]; exported on first use)."""
+def onnx_file(model: UNet, schedule: NoiseSchedule, digest: str | None = None, rebuild: bool = False) -> Path:
+    """The cached fp32 ONNX export of model, the deployment format (x, t[, y]; exported on first use, or again
+    with rebuild=True)."""
     from .onnx_export import export_model
 
     return _cached(cache_dir() / "onnx" / (digest or model_digest(model, schedule)) / "model.onnx",
-                   lambda path: export_model(model, schedule, path), model)
+                   lambda path: export_model(model, schedule, path), model, rebuild)
 
 
-def engine_file(model: UNet, schedule: NoiseSchedule) -> Path:
+def engine_file(model: UNet, schedule: NoiseSchedule, rebuild: bool = False) -> Path:
     """The engine's file: the body of an unconditional UNet (onnx_export.export_engine_body; its block biases come
-    from BlockBias), else the deployment export."""
+    from BlockBias), else the deployment export. rebuild: export it again (a cached file that does not load)."""
     from .onnx_export import export_engine_body
 
     if model.config.num_classes:
-        return onnx_file(model, schedule)
+        return onnx_file(model, schedule, rebuild=rebuild)
     return _cached(cache_dir() / "onnx" / model_digest(model, schedule) / "engine.onnx",
-                   lambda path: export_engine_body(model, schedule, path), model)
+                   lambda path: export_engine_body(model, schedule, path), model, rebuild)
 
 
-def _cached(path: Path, export, model: torch.nn.Module) -> Path:
-    if not path.is_file():
+def _cached(path: Path, export, model: torch.nn.Module, rebuild: bool = False) -> Path:
+    if rebuild or not path.is_file():
         was = model.training
         try:
-            export(path)
+            export(path)  # atomic: a reader sees the old file or the new one
         finally:
             model.train(was)
     return path
 
 
-def int8_file(model: UNet, schedule: NoiseSchedule, fp32: Path, threads: int, bias: "BlockBias | None" = None) -> Path:
-    """The cached INT8 file beside the fp32 file fp32 (quantized on first use; the recipe depends on the CPU's VNNI);
-    bias: the model's BlockBias when fp32 is an engine body file."""
+def int8_file(model: UNet, schedule: NoiseSchedule, fp32: Path, threads: int, bias: "BlockBias | None" = None,
+              rebuild: bool = False, fp32_model: "OrtModel | None" = None) -> Path:
+    """The cached INT8 file beside the fp32 file fp32 (quantized on first use, or again with rebuild=True; the recipe
+    depends on the CPU's VNNI); bias: the model's BlockBias when fp32 is an engine body file; fp32_model: an open
+    OrtModel of fp32 to calibrate with (else one is opened)."""
     from .onnx_quant import quantize_int8, recipe_name
 
     path = fp32.with_name(f"{fp32.stem}.int8-{recipe_name()}.onnx")
-    if not path.is_file():
-        feeds = calibration_feeds(OrtModel(fp32, threads, bias), model.config, schedule)
+    if rebuild or not path.is_file():
+        feeds = calibration_feeds(fp32_model or OrtModel(fp32, threads, bias), model.config, schedule)
         quantize_int8(fp32, path, feeds,
                       info={"calibration": f"fp32 DDIM-{CALIB_STEPS} trajectories of {CALIB_SEEDS} seeds"})
     return path
+
+
+def open_cached(path: Path, threads: int, bias: "BlockBias | None", rebuild) -> "OrtModel":
+    """The OrtModel of a cached file. The cache is keyed by content, so a file that does not load was damaged
+    (truncated, a bad disk): it is rebuilt once with rebuild() (atomically, warning), and a file that still does
+    not load is a ValueError naming it."""
+    try:
+        return OrtModel(path, threads, bias)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        warnings.warn(f"the cached ONNX file {path} does not load ({type(e).__name__}: {str(e).strip()[:150]}); "
+                      "making it again (export or quantization)", RuntimeWarning, stacklevel=3)
+    rebuild()
+    try:
+        return OrtModel(path, threads, bias)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"the cached ONNX file {path} does not load even after making it again "
+                         f"({type(e).__name__}: {str(e).strip()[:200]}); delete it or use --runtime torch") from None
 
 
 def calibration_feeds(fp32: "OrtModel", config, schedule: NoiseSchedule) -> list[dict[str, np.ndarray]]:
@@ -258,10 +278,16 @@ class OrtModel:
 
 
 def ort_model(model: UNet, schedule: NoiseSchedule, threads: int, int8: bool = False) -> OrtModel:
-    """The engine's OrtModel of model's current weights (engine_file; export / quantize on first use, cached)."""
+    """The engine's OrtModel of model's current weights (engine_file; export / quantize on first use, cached; a
+    cached file that does not load is made again once: open_cached)."""
     fp32 = engine_file(model, schedule)
     bias = None if model.config.num_classes else BlockBias(model, schedule)
-    return OrtModel(int8_file(model, schedule, fp32, threads, bias) if int8 else fp32, threads, bias)
+    session = open_cached(fp32, threads, bias, lambda: engine_file(model, schedule, rebuild=True))
+    if not int8:
+        return session
+    path = int8_file(model, schedule, fp32, threads, bias, fp32_model=session)
+    return open_cached(path, threads, bias,
+                       lambda: int8_file(model, schedule, fp32, threads, bias, rebuild=True, fp32_model=session))
 
 
 SHORT_CALL_S = 0.02  # one_loop_model measures only calls shorter than this (longer ones keep every thread)

@@ -40,6 +40,11 @@ def run(a: argparse.Namespace) -> None:
     if a.format == "diffusers":
         return _to_diffusers(a)
     from ..export.onnx import export_model, export_onnx
+    from ..files import ensure_writable
+
+    if a.out.is_dir():
+        raise ValueError(f"--out {a.out}: is a folder; expected the ONNX file to write (e.g. model.onnx)")
+    ensure_writable(a.out.parent, "--out's folder")  # made now (or refused), not after the export
 
     if a.diffusers:
         from ..interop.diffusers import load_diffusers

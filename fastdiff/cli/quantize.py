@@ -50,6 +50,10 @@ def run(a: argparse.Namespace) -> None:
     check_int("--paired-n", a.paired_n, 0, MAX_PAIRED_N)
     if a.out.is_dir():
         raise ValueError(f"--out {a.out}: is a folder; expected the INT8 ONNX file to write (e.g. model.int8.onnx)")
+    if a.out.resolve() == a.onnx.resolve():
+        raise ValueError(f"--out {a.out}: is the --onnx file itself; write the INT8 model to another file")
+    if a.data != "digits" and not Path(a.data).exists():
+        raise ValueError(f"--data {a.data}: no such file or folder (expected 'digits', a folder of images or a .npz)")
     ensure_writable(a.out.parent, "--out's folder")  # now, not after the calibration
     quantize(a.onnx, a.out, method=a.method or "minmax", dynamic=a.dynamic, calib_size=a.calib_size, data=a.data,
              seed=a.seed, repeats=a.repeats, paired_n=a.paired_n, progress=not a.quiet)

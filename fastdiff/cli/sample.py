@@ -13,7 +13,7 @@ from ..checkpoint import BUNDLED_MODEL, load_model
 from ..engine import Engine, generate
 from ..images import check_name
 from ..machine import pick_device
-from ..request import SampleRequest, check_int, default_steps
+from ..request import MAX_SAMPLES, SampleRequest, check_int, default_steps
 from ..runtimes import RUNTIMES
 from .common import add_device, add_quiet, add_sampler_options, sampler_options
 
@@ -54,7 +54,29 @@ def _device(a: argparse.Namespace) -> torch.device:
     return pick_device("cpu" if a.device == "auto" and cpu_runtime else a.device)
 
 
+def _check_class(class_id: int | None, num_classes: int) -> None:
+    """--class against the model's class count, naming the flag."""
+    if class_id is None:
+        return
+    if not num_classes:
+        raise ValueError(f"--class {class_id}: the model is unconditional (trained without --class-cond)")
+    check_int("--class", class_id, -1, num_classes - 1)
+
+
+def _check_ort(model, schedule, a: argparse.Namespace) -> None:
+    """An explicit --runtime ort / --int8 must run on ONNX Runtime: its cached files are made (or repaired) now, and
+    one that still does not load is refused here rather than left to the engine's fallback to eager torch."""
+    from ..runtimes import ort_available, ort_model
+
+    if ort_available():
+        try:
+            ort_model(model, schedule, 1, a.int8)
+        except ValueError as e:
+            raise ValueError(f"{'--int8' if a.int8 else '--runtime ort'}: {e}") from None
+
+
 def run(a: argparse.Namespace) -> None:
+    check_int("-n/--count", a.n, 1, MAX_SAMPLES)
     options = sampler_options(a)
     if a.name is not None:
         check_name(a.name)
@@ -89,14 +111,17 @@ def run(a: argparse.Namespace) -> None:
         num_classes = model.config.num_classes
     joined = distributed.init("cpu" if a.onnx else device)  # under torchrun: join its group; this rank's device
     device = device if a.onnx else joined
+    _check_class(a.class_id, num_classes)
     SampleRequest.checked(runner.schedule if a.onnx else schedule, num_classes, a.n, sampler=a.sampler, steps=steps,
                           seed=a.seed, classes=a.class_id, guidance=a.guidance, **options)  # before any file
     check_int("--batch-size", a.batch_size, 1)
     name = a.name or f"{a.sampler}-{steps}"
     lo, hi = distributed.batch_share(a.n, a.batch_size)  # this rank's images: whole batches of one process's run
-    if distributed.is_main() and distributed.idle_ranks(a.n, a.batch_size):
-        print(f"fastdiff sample: note: {distributed.idle_ranks(a.n, a.batch_size)} process(es) get no batch of "
-              f"--batch-size {a.batch_size}; lower it to use them", file=sys.stderr)
+    note = distributed.idle_note(a.n, a.batch_size)
+    if distributed.is_main() and note:
+        print(f"fastdiff sample: note: {note}", file=sys.stderr)
+    if not a.onnx and not a.diffusers and device.type == "cpu" and (a.runtime == "ort" or a.int8):
+        _check_ort(model, schedule, a)
     with distributed.SharedSampleSet(a.out, name) as samples:
         kwargs = dict(seed=a.seed + lo, sampler=a.sampler, steps=steps, classes=a.class_id, guidance=a.guidance,
                       batch_size=a.batch_size, progress=not a.quiet and distributed.is_main(), **options)
@@ -111,7 +136,8 @@ def run(a: argparse.Namespace) -> None:
         seconds = time.time() - start
         info = {"source": source, "sampler": a.sampler, "steps": steps, "seed": a.seed, "class": a.class_id,
                 "guidance": a.guidance, "backend": backend, "device": str(device), "seconds": round(seconds, 2),
-                **(runtime if a.onnx is None and hi > lo else {"runtime": "onnxruntime" if a.onnx else None}),
+                **(runtime if a.onnx is None and hi > lo else
+                   {"runtime": "onnxruntime", "precision": runner.precision} if a.onnx else {"runtime": None}),
                 **options}
         grid = samples.close(info, a.n)
     if not distributed.is_main():

@@ -22,7 +22,7 @@ def add(sub) -> None:
     p.add_argument("--port", type=int, default=7860, help="default: 7860")
     p.add_argument("--out", type=Path, default=Path("gallery"), help="where runs are saved (default: gallery)")
     p.add_argument("--token", default=os.environ.get("FASTDIFF_TOKEN"),
-                   help="require this token on every request (default: $FASTDIFF_TOKEN)")
+                   help="require this token on every request (default: $FASTDIFF_TOKEN; an empty one is refused)")
     p.add_argument("--max-n", type=int, default=16, help="images per request (default: 16)")
     p.add_argument("--max-steps", type=int, default=1000, help="reverse steps per request (default: 1000)")
     p.add_argument("--max-queue", type=int, default=64, help="jobs waiting before 429 (default: 64)")
@@ -38,13 +38,14 @@ def add(sub) -> None:
 def run(a: argparse.Namespace) -> None:
     try:
         from ..serve import Limits, create_app, load_models
-        from ..serve.server import LOOPBACK_NAMES, bind, check_bind, is_loopback, serve
+        from ..serve.server import LOOPBACK_NAMES, bind, check_bind, check_token, is_loopback, serve
     except ImportError as e:
         raise ValueError(f"serve needs the serve extra (pip install 'fastdiff[serve]'): {e}") from None
     from ..files import ensure_writable
     from ..machine import pick_device
     from ..request import check_int
 
+    check_token(a.token)
     warning = check_bind(a.host, a.token)
     if not 1 <= a.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535]; got {a.port}")

@@ -1,5 +1,9 @@
 """INT8 quantization of an exported fastdiff model with onnxruntime.quantization, plus a report.
 
+Importing this module needs no torch (onnxruntime, NumPy), but `quantize` does: its calibration images come
+from fastdiff.data and the paired measure from fastdiff.metrics, both torch. Only the quantized file's runtime
+(fastdiff.export.runtime) and the recipe itself (fastdiff.onnx_quant.quantize_int8) are torch-free.
+
 Static (default): the recipe of fastdiff.onnx_quant (QDQ, per-channel int8 weights, u8 activations - 7-bit
 weights on CPUs without VNNI - Conv/MatMul/Gemm only; why: its docstring), calibrated on
 x_t = q_sample(x0, t, ε) with x0 from the training data and t stratified over ALL timesteps, each
@@ -30,9 +34,13 @@ PAIRED_STEPS = 50  # paired quality: DDIM-50, η = 0
 
 def _dataset(source: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Training images (N, C, H, W) float32 in [-1, 1] and labels (or None), via fastdiff.data."""
-    from ..data import load_data
+    from ..data import load_data  # torch: the calibration images are loaded by fastdiff.data
 
-    data = load_data(source, shape[1], shape[0])
+    try:
+        data = load_data(source, shape[1], shape[0])
+    except (ValueError, FileNotFoundError) as e:
+        text = str(e)
+        raise ValueError(text if text.startswith("--data") else f"--data {source!r}: {text}") from None
     if tuple(data.image_shape) != tuple(shape):
         raise ValueError(f"--data {source!r} gives images of shape {data.image_shape}; the model expects {shape}")
     labels = data.labels.numpy().astype(np.int64) if data.labels is not None else None

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -18,12 +19,17 @@ from .. import noise, reference
 from ..multistep import MultistepCoefs
 from ..request import SampleRequest, check_int
 from ..schedule import NoiseSchedule, StepCoefs
-from .metadata import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_PRECISION,
-                       KEY_SCHEDULE, KEY_SHAPE, KEY_VERSION, REQUIRED_KEYS)
+from .metadata import (FORMAT, FORMAT_VERSION, KEY_CLASSES, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_MODEL,
+                       KEY_PRECISION, KEY_SCHEDULE, KEY_SHAPE, KEY_VERSION, KEY_WEIGHTS, PRECISIONS, REQUIRED_KEYS,
+                       parse_classes, parse_shape)
 
 __all__ = ["OnnxSampler", "step", "multistep"]
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+MAX_THREADS = 1024  # ORT intra-op threads: far above any machine's cores; 10**9 is a typo, not a setting
+# What onnxruntime raises for a file that is not a readable ONNX model (anything else is a load failure of a model).
+_PARSE_ERRORS = ("InvalidProtobuf", "InvalidGraph")
+_warned: set[str] = set()
 
 
 def step(x: np.ndarray, m: np.ndarray, seeds: np.ndarray, t: int, coefs: StepCoefs) -> np.ndarray:
@@ -70,6 +76,37 @@ def providers_for(device: str) -> list:
     return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
 
 
+def usable_providers(providers: str | Sequence[Any]) -> list:
+    """providers (a name, or a list of names / (name, options)) less those this onnxruntime lacks, in order,
+    warning once about the others (onnxruntime's own fallback); ValueError if none is left or an entry is no name."""
+    entries = [providers] if isinstance(providers, (str, tuple)) else list(providers)
+    names = []
+    for p in entries:
+        name = p[0] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], dict) else p
+        if not isinstance(name, str):
+            raise ValueError(f"providers must be provider names or (name, options) pairs; got {p!r}")
+        names.append(name)
+    available = ort.get_available_providers()
+    kept = [p for p, name in zip(entries, names) if name in available]
+    if not kept:
+        raise ValueError(f"providers {names} are not available in this onnxruntime {ort.__version__} "
+                         f"(available: {available})")
+    missing = [name for name in names if name not in available]
+    if missing and repr(missing) not in _warned:
+        _warned.add(repr(missing))
+        warnings.warn(f"providers {missing} are not available in this onnxruntime {ort.__version__}; using "
+                      f"{[n for n in names if n in available]}", RuntimeWarning, stacklevel=3)
+    return kept
+
+
+def load_error(path: Path, e: Exception) -> ValueError:
+    """The one-line error of a failed InferenceSession(path): 'not a valid ONNX model' for parse failures only."""
+    kind, text = type(e).__name__, (str(e).strip() or type(e).__name__)[:300]
+    if kind in _PARSE_ERRORS or "protobuf" in text.lower():
+        return ValueError(f"{path} is not a valid ONNX model: {text}")
+    return ValueError(f"{path}: onnxruntime could not load the model ({kind}: {text})")
+
+
 def _progress(i: int, total: int, label: str) -> None:
     sys.stderr.write(f"\r{label} {i}/{total}" + ("\n" if i == total else ""))
     sys.stderr.flush()
@@ -78,26 +115,21 @@ def _progress(i: int, total: int, label: str) -> None:
 class OnnxSampler:
     """A fastdiff ONNX denoiser plus its schedule; `sample` runs DDPM/DDIM/DPM-Solver++, `predict` one model call."""
 
-    def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None):
-        """threads: ORT intra-op threads (None: onnxruntime's default, one per physical core)."""
+    def __init__(self, path: Path | str, providers: str | Sequence[Any] | None = None, threads: int | None = None):
+        """providers: onnxruntime's providers in order of preference, a name or a list (names or (name, options));
+        unavailable ones are skipped with a warning, as onnxruntime does (None: CUDA when there, else CPU).
+        threads: ORT intra-op threads, 1 to MAX_THREADS (None: onnxruntime's default, one per physical core)."""
         self.path = path = Path(path)
         check_model_file(path, "ONNX model")
-        if providers is None:
-            providers = default_providers()
-        else:
-            missing = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in ort.get_available_providers()]
-            if missing:
-                raise ValueError(f"providers {missing} are not available in this onnxruntime "
-                                 f"(available: {ort.get_available_providers()})")
+        providers = default_providers() if providers is None else usable_providers(providers)
         options = ort.SessionOptions()
         options.add_session_config_entry("session.force_spinning_stop", "1")  # no spinning workers between runs
         if threads is not None:
-            check_int("threads", threads, 1)
-            options.intra_op_num_threads = threads
+            options.intra_op_num_threads = check_int("threads", threads, 1, MAX_THREADS)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise ValueError(f"{path} is not a valid ONNX model: {str(e).strip()[:300]}") from None
+            raise load_error(path, e) from None
         self._read_metadata(self.session.get_modelmeta().custom_metadata_map)
         self._check_io()
         self.provider = self.session.get_providers()[0]
@@ -115,16 +147,19 @@ class OnnxSampler:
             raise ValueError(f"{where}: format version {meta[KEY_FORMAT_VERSION]} is not supported "
                              f"(this fastdiff reads version {FORMAT_VERSION})")
         try:
+            shape = parse_shape(meta[KEY_SHAPE])  # bounded first: nothing is allocated from a hostile shape
+            self.num_classes = parse_classes(meta[KEY_CLASSES])
             self.schedule = NoiseSchedule(**json.loads(meta[KEY_SCHEDULE]))
-            shape = tuple(int(s) for s in json.loads(meta[KEY_SHAPE]))
-            self.num_classes = int(meta[KEY_CLASSES])
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{where}: invalid fastdiff metadata ({e})") from None
-        if len(shape) != 3 or min(shape) < 1 or self.num_classes < 0:
-            raise ValueError(f"{where}: invalid fastdiff metadata (image_shape {shape}, num_classes {self.num_classes})")
+            raise ValueError(f"{where}: invalid fastdiff metadata ({str(e)[:300]})") from None
         self.image_shape: tuple[int, int, int] = shape
         self.num_train_timesteps = self.schedule.num_train_timesteps
         self.version, self.precision = meta[KEY_VERSION], meta.get(KEY_PRECISION, "fp32")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{where}: invalid fastdiff metadata ({KEY_PRECISION} must be one of "
+                             f"{', '.join(PRECISIONS)}; got {self.precision[:40]!r})")
+        self.model_config: str | None = meta.get(KEY_MODEL)  # JSON, as written (None in files of other exporters)
+        self.weights_sha256: str | None = meta.get(KEY_WEIGHTS)  # None in files exported before it was recorded
 
     def _check_io(self) -> None:
         where = str(self.path)
@@ -150,6 +185,14 @@ class OnnxSampler:
         outputs = self.session.get_outputs()
         if len(outputs) != 1:
             raise ValueError(f"{where}: expected one output, found {[o.name for o in outputs]}")
+        out = outputs[0]
+        if out.type not in _NP_TYPES:
+            raise ValueError(f"{where}: the output must be float32 or float16 (the model's prediction); the file "
+                             f"declares {out.type}")
+        dims = list(out.shape or [])
+        if len(dims) != 4 or any(isinstance(d, int) and d != s for d, s in zip(dims[1:], self.image_shape)):
+            raise ValueError(f"{where}: the output has shape {dims}; a fastdiff denoiser returns [batch, "
+                             f"{', '.join(map(str, self.image_shape))}] (x's shape)")
 
     # --- one model call --------------------------------------------------------------------------
     def predict(self, x: np.ndarray, t: np.ndarray | int, y: np.ndarray | None = None) -> np.ndarray:
@@ -182,7 +225,11 @@ class OnnxSampler:
         feed = {"x": x.astype(self.input_dtype, copy=False), "t": t}
         if self.num_classes:
             feed["y"] = y if y is not None else np.full(t.shape, -1, dtype=np.int64)
-        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+        out = self.session.run(None, feed)[0]
+        if out.shape != x.shape or out.dtype not in (np.float32, np.float16):
+            raise ValueError(f"{self.path}: the model returned {out.dtype} {tuple(out.shape)} for x of shape "
+                             f"{tuple(x.shape)}; a fastdiff denoiser returns a float array of x's shape")
+        return out.astype(np.float32, copy=False)
 
     def _model_output(self, x: np.ndarray, t: int, y: np.ndarray | None, guidance: float) -> np.ndarray:
         tt = np.full((len(x),), t, dtype=np.int64)

@@ -62,7 +62,8 @@ def check_num_steps(num_inference_steps: Any, where: str) -> None:
 
 
 class FusedStep:
-    """What both fused schedulers share: the schedule, per-sample seeds and the fused op."""
+    """The mixin of the fused schedulers (before their diffusers base class): the schedule and options of the current
+    config, per-sample seeds and the fused op call."""
 
     _sampler: str
     # The step implementation; tests swap in ops.reverse_step_reference (the bit-identical PyTorch twin).

@@ -25,15 +25,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..request import MAX_SEED, SampleRequest, fastdiff_options
+from ..request import MAX_GUIDANCE, MAX_SEED, SampleRequest, default_steps, fastdiff_options
 from ..multistep import FINAL_SIGMAS_TYPES
 from ..schedule import SAMPLER_OPTIONS, SAMPLERS, SPACINGS, VARIANCE_TYPES
 from .batcher import FINISHED, Batcher, Job, QueueFull, Stopped
-from .gallery import Gallery
+from .gallery import SIDECAR, Gallery
 from .models import ServedModel
 from .record import run_info
+from .server import check_token
+from .web import BodyError, error, file_validators, host_name, json_object, not_modified, validated
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "fastdiff_token"
@@ -69,7 +72,8 @@ class GenerateRequest(BaseModel):
 
     model: str | None = Field(None, description="a name from GET /api/models (default: the first)")
     sampler: Literal[SAMPLERS] = "ddim"  # type: ignore[valid-type]
-    steps: int | None = Field(None, description="reverse steps (default: 50 for ddim, 20 for dpmpp-*, T for ddpm)")
+    steps: int | None = Field(None, description="reverse steps (default: 50 for ddim, 20 for dpmpp-*, T for ddpm; "
+                                                "at most the server's --max-steps)")
     n: int | None = Field(None, description="number of images (default: 4, or the server's --max-n if lower)")
     seed: int | None = Field(None, description=f"0 .. {MAX_SEED}; default: a random one (reported back)")
     eta: float | None = Field(None, description="DDIM noise scale (ddim only; default 0)")
@@ -83,11 +87,11 @@ class GenerateRequest(BaseModel):
     final_sigmas_type: Literal[FINAL_SIGMAS_TYPES] | None = Field(  # type: ignore[valid-type]
         None, description="dpmpp-* only (default zero)")
     class_id: int | None = Field(None, description="class-conditional models: class id (-1: the null class)")
-    guidance: float = Field(1.0, description="classifier-free guidance scale (needs class_id)")
+    guidance: float = Field(1.0, description=f"classifier-free guidance scale, 0 .. {MAX_GUIDANCE:g} (needs class_id)")
 
 
-def _error(status: int, detail: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "field": field}, status_code=status)
+OPTION_FIELDS = ("eta", "spacing", "clip_sample", "use_clipped_model_output", "variance_type", "solver_order",
+                 "lower_order_final", "final_sigmas_type")  # the sampler options a request may set
 
 
 def _fastapi_kwargs() -> dict:
@@ -96,9 +100,7 @@ def _fastapi_kwargs() -> dict:
     if "telemetry" in params:  # FastAPI's native OpenTelemetry: off, exporters never configured from env
         kwargs["telemetry"] = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
                                "auto_configure": False}
-    if "max_body_size" in params:
-        kwargs["max_body_size"] = 64 * 1024
-    return kwargs
+    return kwargs  # the body's size cap is web.MAX_BODY, enforced (as JSON errors) by web.json_object
 
 
 def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limits(), token: str | None = None,
@@ -108,6 +110,7 @@ def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limit
     stops DNS-rebinding pages from reaching a token-less local server)."""
     if not models:
         raise ValueError("create_app needs at least one model")
+    check_token(token)
     gallery = Gallery(out)
 
     def save(job: Job, images) -> str:
@@ -124,19 +127,29 @@ def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limit
             yield
         finally:
             batcher.stop()
+            gallery.close()
 
     app = FastAPI(title="fastdiff serve", version=__version__, lifespan=lifespan,
                   description="Local DDPM/DDIM sampling studio and JSON API (dynamic batching).", **_fastapi_kwargs())
     app.state.batcher, app.state.gallery, app.state.models, app.state.limits = batcher, gallery, models, limits
+    default_openapi = app.openapi
+
+    def openapi() -> dict:  # generate() parses its own body (web.json_object): list its schema by hand
+        if app.openapi_schema is None:
+            schemas = default_openapi().setdefault("components", {}).setdefault("schemas", {})
+            schemas["GenerateRequest"] = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        return app.openapi_schema
+
+    app.openapi = openapi
     hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if hosts is not None:
-            host = (request.headers.get("host") or "").lower()
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name not in hosts:
-                return _error(400, f"unexpected Host header {host!r}; use one of {', '.join(sorted(hosts))}")
+            host = request.headers.get("host") or ""
+            if host_name(host) not in hosts:
+                return error(400, f"unexpected Host header {host[:100]!r}; use one of {', '.join(sorted(hosts))}",
+                              "Host")
         from_query = False
         if token is not None:
             auth = request.headers.get("authorization", "")
@@ -144,7 +157,7 @@ def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limit
             if given is None and "token" in request.query_params:
                 given, from_query = request.query_params["token"], True
             if given is None or not hmac.compare_digest(given.encode(), token.encode()):
-                response = _error(401, "missing or wrong token: send 'Authorization: Bearer <token>' or open "
+                response = error(401, "missing or wrong token: send 'Authorization: Bearer <token>' or open "
                                        "the page once as /?token=<token>")
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
@@ -157,19 +170,22 @@ def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limit
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):  # query parameters (the body: web.py)
         errors = jsonable_encoder(exc.errors())
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors]
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}" for e in errors]
         field = next((str(e["loc"][-1]) for e in errors if len(e.get("loc", ())) > 1), None)
-        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
-            parts = [f"the body must be JSON, sent with Content-Type: application/json (got "
-                     f"{request.headers.get('content-type') or 'no Content-Type'})"]
-        return JSONResponse({"detail": "; ".join(parts), "field": field, "errors": errors}, status_code=422)
+        return error(422, "; ".join(parts), field)  # never the input back
+
+    @app.exception_handler(HTTPException)
+    async def httperror(request: Request, exc: HTTPException):  # unknown route (404), wrong method (405)
+        response = error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     # --- the page ---------------------------------------------------------------------------------------
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -192,52 +208,64 @@ def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limit
         return {"ok": True, "version": __version__, "models": list(models), "queued": batcher.queued,
                 "stats": dict(batcher.stats)}
 
-    @app.get("/api/models", summary="The models this server was started with, and its limits")
+    @app.get("/api/models", summary="The models this server was started with, the samplers and its limits")
     def list_models() -> dict:
-        return {"models": [m.describe() for m in models.values()], "default": next(iter(models)),
+        """Each model with its default steps per sampler (capped at --max-steps); each sampler's options with
+        the defaults a job runs with; the choices of the options that take a name; the limits."""
+        return {"models": [{**m.describe(), "default_steps": {s: _default_steps(m, s, limits) for s in SAMPLERS}}
+                           for m in models.values()],
+                "default": next(iter(models)),
                 "samplers": {k: {**v, **fastdiff_options(k, {})} for k, v in SAMPLER_OPTIONS.items()},  # what runs
-                "limits": limits.__dict__}
+                "choices": {"spacing": SPACINGS, "variance_type": VARIANCE_TYPES, "solver_order": [1, 2],
+                            "final_sigmas_type": FINAL_SIGMAS_TYPES},
+                "limits": {**limits.__dict__, "max_guidance": MAX_GUIDANCE, "max_seed": MAX_SEED}}
 
-    @app.post("/api/generate", status_code=202, summary="Queue a sampling job; returns its id")
-    def generate(body: GenerateRequest):
-        name = body.model or next(iter(models))
+    @app.post("/api/generate", status_code=202, summary="Queue a sampling job; returns its id",
+              openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}})
+    async def generate(request: Request):
+        try:
+            body = validated(GenerateRequest, await json_object(request))
+        except BodyError as e:
+            return error(e.status, e.detail, e.field)
+        name = next(iter(models)) if body.model is None else body.model
         if name not in models:
-            return _error(422, f"model must be one of {', '.join(models)}; got {name!r}", "model")
+            return error(422, f"model must be one of {', '.join(models)}; got {name[:100]!r}", "model")
         model = models[name]
         n = min(4, limits.max_n) if body.n is None else body.n
         if n > limits.max_n:
-            return _error(422, f"n must be <= {limits.max_n} (this server's --max-n); got {n}", "n")
+            return error(422, f"n must be <= {limits.max_n} (this server's --max-n); got {n}", "n")
         if body.steps is not None and body.steps > limits.max_steps:
-            return _error(422, f"steps must be <= {limits.max_steps} (this server's --max-steps); got {body.steps}",
+            return error(422, f"steps must be <= {limits.max_steps} (this server's --max-steps); got {body.steps}",
                           "steps")
-        options = {k: v for k in ("eta", "spacing", "clip_sample", "use_clipped_model_output", "variance_type",
-                                  "solver_order", "lower_order_final", "final_sigmas_type")
-                   if (v := getattr(body, k)) is not None}
+        steps = _default_steps(model, body.sampler, limits) if body.steps is None else body.steps
+        options = {k: v for k in OPTION_FIELDS if (v := getattr(body, k)) is not None}
         try:
             options = model.request_options(body.sampler, options)
         except (KeyError, ValueError) as e:
-            return _error(422, f"sampler {body.sampler}: {e}", "sampler")
+            return error(422, f"sampler {body.sampler}: {e}", "sampler")
         seed = body.seed if body.seed is not None else _random_seed()
         try:
             request = SampleRequest.checked(model.schedule, model.num_classes, n, sampler=body.sampler,
-                                            steps=body.steps, seed=seed, classes=body.class_id,
+                                            steps=steps, seed=seed, classes=body.class_id,
                                             guidance=body.guidance, **options)
         except ValueError as e:
-            return _error(422, str(e), _field_of(str(e)))
-        if request.steps > limits.max_steps:
-            return _error(422, f"steps must be <= {limits.max_steps} (this server's --max-steps); the default for "
-                               f"{body.sampler} is {request.steps}: pass steps", "steps")
-        resolved = {k: v for k, v in request.options.items() if k in GenerateRequest.model_fields}
+            return error(422, str(e), _field_of(str(e)))
+        except ArithmeticError as e:  # an option so large that the schedule's arithmetic overflows
+            return error(422, f"the options are out of range for {body.sampler} ({type(e).__name__}: {e})",
+                          _field_of(str(e)))
+        run_options = {**SAMPLER_OPTIONS[request.sampler], **request.options}  # every option as run, defaults too
+        resolved = {k: run_options[k] for k in OPTION_FIELDS if k in run_options}
         params = {"model": name, "sampler": request.sampler, "steps": request.steps, "n": request.n, "seed": seed,
                   **resolved, "class_id": body.class_id, "guidance": request.guidance}  # resent: the same images
         try:
             job = batcher.submit(Job(model, request, params))
         except QueueFull as e:
-            response = _error(429, str(e))
+            response = error(429, str(e))
             response.headers["Retry-After"] = "1"
             return response
         except Stopped as e:
-            return _error(503, str(e))
+            return error(503, str(e))
         return {"id": job.id, "status": job.status, "params": params, "url": f"/api/jobs/{job.id}"}
 
     @app.get("/api/jobs/{job_id}", summary="A job: status, steps done/total, and its files when done")
@@ -249,7 +277,7 @@ def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limit
             await asyncio.sleep(0.01)
             snap = batcher.get(job_id)
         if snap is None:
-            return _error(404, "no such job (ids are kept for the last 1000 jobs)")
+            return error(404, "no such job (ids are kept for the last 1000 jobs)")
         if snap["run"] is not None:
             snap.update(gallery.urls(snap["run"], snap["n"]))
         return snap
@@ -258,15 +286,31 @@ def create_app(models: dict[str, ServedModel], out: Path, limits: Limits = Limit
     def history(limit: int = 50) -> dict:
         return {"runs": gallery.history(max(1, min(int(limit), 500)))}
 
-    @app.get("/api/runs/{run}/{file}", summary="A file of a run: NNNN.png, grid.png or run.json")
-    def run_file(run: str, file: str):
+    @app.head("/api/runs/{run}/{file}", include_in_schema=False)
+    @app.get("/api/runs/{run}/{file}",
+             summary="A file of a run: NNNN.png, grid.png or run.json (the sidecar without server paths)")
+    def run_file(request: Request, run: str, file: str):
+        """Saved files never change: ETag / Last-Modified let a client revalidate (304) instead of reloading."""
         path = gallery.file(run, file)
-        if path is None:
-            return _error(404, "no such file")
-        media = "application/json" if path.suffix == ".json" else "image/png"
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "no-cache"})
+        info = gallery.sidecar(run) if file == SIDECAR and path is not None else None
+        if path is None or (file == SIDECAR and info is None):
+            return error(404, "no such file")
+        try:
+            headers = {**file_validators(path), "Cache-Control": "no-cache"}
+        except OSError:
+            return error(404, "no such file")
+        if (fresh := not_modified(request, headers)) is not None:
+            return fresh
+        if info is not None:
+            return JSONResponse(info, headers=headers)
+        return FileResponse(path, media_type="image/png", headers=headers)
 
     return app
+
+
+def _default_steps(model: ServedModel, sampler: str, limits: Limits) -> int:
+    """The steps a request without `steps` runs: the sampler's default, at most the server's --max-steps."""
+    return min(default_steps(sampler, model.schedule.num_train_timesteps), limits.max_steps)
 
 
 def _random_seed() -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..request import SampleRequest
+from ..schedule import SAMPLER_OPTIONS
 from .models import Cancelled, ServedModel
 
 log = logging.getLogger("fastdiff.serve")
@@ -52,12 +53,14 @@ class Job:
     run: str | None = None
     error: str | None = None
     seconds: float | None = None
+    saving: bool = False  # its files are being written: a shutdown lets it finish
 
     @property
     def key(self) -> tuple:
         """What must be equal for two jobs to share a batch."""
         r = self.request
-        return (self.model.name, r.sampler, r.steps, tuple(sorted(r.options.items())), r.guidance,
+        options = {**SAMPLER_OPTIONS[r.sampler], **r.options}  # a default sent or left out: the same run
+        return (self.model.name, r.sampler, r.steps, tuple(sorted(options.items())), r.guidance,
                 r.classes is not None)
 
     def seeds(self) -> np.ndarray:
@@ -76,6 +79,7 @@ class Batcher:
         self.save, self.window_s, self.max_batch, self.max_queue, self.keep = save, window_s, max_batch, max_queue, keep
         self._cond = threading.Condition()
         self._pending: list[Job] = []
+        self._running: list[Job] = []
         self._jobs: dict[str, Job] = {}
         self._stopping = False
         self._cancel = False
@@ -88,15 +92,21 @@ class Batcher:
             self._thread = threading.Thread(target=self._loop, name="fastdiff-serve-worker", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Take no new job, cancel the queued ones and the running batch (its partial files are removed),
-        and wait (at most timeout seconds) for the worker."""
+    def cancel(self) -> None:
+        """Take no new job and finish every queued and running job as cancelled, at once (a job being saved
+        ends as it is); the worker stops at its next step and removes the partial files. Never blocks: the
+        server calls it as shutdown begins, so long polls answer before uvicorn waits for connections."""
         with self._cond:
             self._stopping = self._cancel = True
-            for job in self._pending:
-                job.status, job.error = CANCELLED, "the server shut down"
+            for job in [*self._pending, *self._running]:
+                if not job.saving and job.status not in FINISHED:
+                    job.status, job.error = CANCELLED, "the server shut down"
             self._pending.clear()
             self._cond.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """cancel(), then wait (at most timeout seconds) for the worker."""
+        self.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -162,6 +172,7 @@ class Batcher:
             for job in batch:
                 self._pending.remove(job)
                 job.status, job.batch_images, job.batch_jobs = RUNNING, images, len(batch)
+            self._running = batch
             return batch
 
     def _loop(self) -> None:
@@ -173,6 +184,9 @@ class Batcher:
                 self._run(batch)
             except Exception:  # noqa: BLE001 - never let one batch kill the worker
                 log.exception("batch failed")
+            finally:
+                with self._cond:
+                    self._running = []
 
     def _progress(self, batch: list[Job]) -> Callable[[int], None]:
         total = batch[0].request.steps
@@ -204,25 +218,30 @@ class Batcher:
         offset = 0
         for job in batch:
             part, offset = images[offset:offset + job.request.n], offset + job.request.n
-            if self._cancel:
-                self._finish([job], CANCELLED, "the server shut down")
-                continue
-            job.seconds = seconds
+            with self._cond:
+                if self._cancel:
+                    job.status, job.error = CANCELLED, "the server shut down"
+                    continue
+                job.saving, job.seconds = True, seconds
             try:
-                job.run = self.save(job, part)
+                run = self.save(job, part)
             except Exception as e:  # noqa: BLE001 - a disk error fails that job only
                 log.exception("saving failed")
                 self._finish([job], ERROR, f"saving failed: {type(e).__name__}: {e}")
                 continue
-            job.steps_done = job.request.steps
+            finally:
+                job.saving = False
             self.stats["jobs"] += 1
             self.stats["images"] += job.request.n
             with self._cond:
-                job.status = DONE
+                job.run, job.steps_done, job.status = run, job.request.steps, DONE
 
     def _finish(self, jobs: list[Job], status: str, error: str) -> None:
+        """Finish jobs (one already finished, e.g. cancelled by a shutdown, keeps its status)."""
         with self._cond:
             for job in jobs:
+                if job.status in FINISHED:
+                    continue
                 job.status, job.error = status, error
                 if status == ERROR:
                     self.stats["errors"] += 1

@@ -3,8 +3,11 @@ its history, and the one gate through which files are served (nothing outside th
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +19,8 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")  # no dot: no '..', 
 IMAGE_FILE = re.compile(r"^[0-9]{4,9}\.png$")
 SIDECAR, GRID = "run.json", "grid.png"  # the public names of <run>.json and <run>_grid.png
 HISTORY_SCAN = 2000  # newest sidecars looked at by history()
+# SampleSet's hidden folder of a served run in progress: .<new_name()>.<mkdtemp's 8 characters>.partial
+PARTIAL = re.compile(r"^\.[0-9]{8}-[0-9]{6}-[0-9a-f]{6}\.[a-z0-9_]{8}\.partial$")
 
 
 class Gallery:
@@ -27,6 +32,13 @@ class Gallery:
             raise ValueError(f"--out {out}: exists and is not a folder")
         out.mkdir(parents=True, exist_ok=True)
         self.root = out.resolve()
+        self._lock = _Lock(self.root)  # held until close(): servers sharing a folder never sweep each other
+        self.swept = sweep_partials(self.root) if self._lock.exclusive else 0
+        self._lock.share()
+
+    def close(self) -> None:
+        """Release the folder's lock (the server stops)."""
+        self._lock.close()
 
     def new_name(self) -> str:
         """A fresh run name: the local time and 6 random hex digits (never derived from a job id), unused in the
@@ -71,7 +83,7 @@ class Gallery:
                 "images": [f"{base}/{i:04d}.png" for i in range(count)]}
 
     def read(self, run: str) -> dict | None:
-        """The public record of a run: its sidecar without server paths, plus the URLs of its files."""
+        """The public record of a run: its sidecar without server paths (see `public`), plus its files' URLs."""
         path = self.file(run, SIDECAR)
         if path is None:
             return None
@@ -81,8 +93,16 @@ class Gallery:
             return None
         if not isinstance(info, dict) or not isinstance(info.get("count"), int):
             return None
-        info = {k: v for k, v in info.items() if k not in ("images", "grid")}
-        return {**info, "run": run, "mtime": path.stat().st_mtime, **self.urls(run, info["count"])}
+        return {**public(info), "run": run, "mtime": path.stat().st_mtime, **self.urls(run, info["count"])}
+
+    def sidecar(self, run: str) -> dict | None:
+        """A run's sidecar as the API serves it (run.json): without server paths."""
+        path = self.file(run, SIDECAR)
+        try:
+            info = json.loads(path.read_text()) if path is not None else None
+        except (OSError, ValueError):
+            return None
+        return public(info) if isinstance(info, dict) else None
 
     def history(self, limit: int = 50) -> list[dict]:
         """The newest runs first (at most limit), each as `read` gives it; foreign or broken JSON skipped."""
@@ -102,3 +122,63 @@ class Gallery:
                 if len(out) >= limit:
                     break
         return out
+
+
+def public(info: dict) -> dict:
+    """A sidecar without this machine's paths: no `images`/`grid` paths, the model's source as its file or
+    folder name only (in `model_source` and in the `fastdiff sample` line). The file on disk keeps them."""
+    info = {k: v for k, v in info.items() if k not in ("images", "grid")}
+    source = info.get("model_source")
+    if isinstance(source, str) and source:
+        name = Path(source).name or source
+        info["model_source"] = name
+        reproduce = info.get("reproduce")
+        if isinstance(reproduce, dict) and isinstance(reproduce.get("cli"), str):
+            cli = reproduce["cli"].replace(f" {shlex.quote(source)} ", f" {shlex.quote(name)} ")
+            info["reproduce"] = {**reproduce, "cli": cli}
+    return info
+
+
+def sweep_partials(root: Path) -> int:
+    """Remove the hidden partial folders a killed server left in root (SampleSet's, named as served runs are,
+    holding nothing but NNNN.png files; anything else is left alone). Returns how many were removed."""
+    removed = 0
+    for path in root.iterdir():
+        if not PARTIAL.match(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            if all(f.is_file() and not f.is_symlink() and IMAGE_FILE.match(f.name) for f in path.iterdir()):
+                shutil.rmtree(path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+class _Lock:
+    """An flock on the folder itself (no file is made): exclusive when no other server uses the folder (then the
+    partial folders in it are a dead server's), shared while serving. Where flock is missing: never exclusive."""
+
+    def __init__(self, folder: Path):
+        self.exclusive, self._fd = False, None
+        try:
+            import fcntl
+
+            self._fd = os.open(folder, os.O_RDONLY)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.exclusive = True
+        except (ImportError, OSError):  # no fcntl (Windows), or another server holds the lock
+            pass
+
+    def share(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    __del__ = close

@@ -22,6 +22,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_token(token: str | None) -> None:
+    """ValueError for a token no request could send: empty (e.g. `FASTDIFF_TOKEN= fastdiff serve`), or with
+    spaces or control characters. None (no token) is fine."""
+    if token is None:
+        return
+    if not token:
+        raise ValueError("--token (or FASTDIFF_TOKEN) is empty: every request would be refused; give a token, "
+                         "or unset FASTDIFF_TOKEN to serve without one")
+    if token != token.strip() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ValueError("--token (or FASTDIFF_TOKEN) must not contain spaces or control characters")
+
+
 def check_bind(host: str, token: str | None) -> str | None:
     """The warning to print for host, or None; ValueError when a non-loopback host has no token."""
     if is_loopback(host):
@@ -52,6 +64,22 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _server(app, config):
+    """A uvicorn Server that cancels the app's jobs as soon as shutdown begins, before uvicorn waits for open
+    connections: long polls then answer at once with `cancelled` (instead of being cut off after the grace
+    period) and the running batch stops at its next step."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            batcher = getattr(getattr(app, "state", None), "batcher", None)
+            if batcher is not None:
+                batcher.cancel()
+            await super().shutdown(sockets)
+
+    return Server(config)
+
+
 def serve(app, host: str = "127.0.0.1", port: int = 7860, log_level: str = "warning",
           sock: socket.socket | None = None) -> None:
     """Serve until Ctrl-C (uvicorn; the app's lifespan stops the worker and cancels unfinished jobs) on `sock`,
@@ -62,7 +90,7 @@ def serve(app, host: str = "127.0.0.1", port: int = 7860, log_level: str = "warn
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        _server(app, config).run(sockets=[sock])
     except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is the way to stop
         pass
     finally:
@@ -78,7 +106,7 @@ def background(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
-    server = uvicorn.Server(config)
+    server = _server(app, config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fastdiff-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
